@@ -1,0 +1,197 @@
+"""N-gram hashing: token ids -> per-head table rows, vectorised in torch on the input's device.
+
+For each Engram layer l, order n and head k (paper section 2.2; official demo `NgramHashMapping`):
+
+    x'          canonical ids (the compressed vocabulary applied to the token ids)
+    s_j[t]      x'[t - j], or the canonical pad id before the sequence (or document) start
+    mix_n[t]    s_0[t]*m_0 XOR s_1[t]*m_1 XOR ... XOR s_{n-1}[t]*m_{n-1}     (int64, no overflow)
+    row[t]      mix_n[t] mod p_{l,n,k}
+
+Heads are ordered by order, then head, which is also the order of `HashSpec.layer_primes`.
+
+Axes: B batch, T time, L Engram layers, K shifts (max order), H heads per layer (all orders).
+
+Hashing is a pure function of ids and spec, so it runs equally in the model and in a data loader.
+`HashState` carries the last N-1 canonical ids of each sequence, so hashing chunk by chunk or token
+by token (for cached decoding) gives exactly what hashing the whole sequence gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engram.spec import HashSpec
+from engram.vocab import CompressedVocab
+
+
+@dataclass
+class HashState:
+    """What position T (the next token) sees of the past: x'[T-N+1..T-1], pad where not visible.
+
+    `history[:, -1]` is the most recent token. Positions across a document boundary are already
+    replaced by the pad id, so the state needs no separate boundary flag.
+    """
+
+    history: torch.Tensor  # [B, K-1] int64 canonical ids
+
+    @property
+    def batch_size(self) -> int:
+        return self.history.shape[0]
+
+    def reset(self, rows: torch.Tensor, pad_id: int) -> None:
+        """Forget the past of the sequences selected by the bool mask `rows` [B] (new documents)."""
+        self.history[rows] = pad_id
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int, name: str = "ids") -> None:
+    """Raise ValueError for anything that is not a [B, T] integer tensor of ids in [0, vocab)."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must have shape [B, T], got {list(ids.shape)}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise ValueError(f"{name} contains a negative id ({lo})")
+    if hi >= vocab_size:
+        raise ValueError(f"{name} contains id {hi}, outside the tokenizer's [0, {vocab_size})")
+
+
+class NgramHasher:
+    """Maps token ids [B, T] to row indices [B, T, H] per Engram layer, bit-exact with the demo."""
+
+    def __init__(self, spec: HashSpec, vocab: CompressedVocab) -> None:
+        if vocab.fingerprint != spec.vocab_map_fingerprint:
+            raise ValueError("this vocab map is not the one the spec was built with "
+                             f"(tokenizer {vocab.tokenizer_fingerprint[:12]} vs spec "
+                             f"{spec.tokenizer_fingerprint[:12]}): wrong tokenizer or compression")
+        self.spec = spec
+        self._lookup = torch.from_numpy(vocab.lookup.copy())  # [V]
+        self._multipliers = torch.tensor(spec.multipliers, dtype=torch.int64)  # [L, K]
+        self._primes = torch.tensor(spec.primes, dtype=torch.int64)  # [L, H]
+        self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        # Cached per device so the hasher follows its input without naming a device itself.
+        if device not in self._on_device:
+            self._on_device[device] = tuple(
+                t.to(device) for t in (self._lookup, self._multipliers, self._primes))
+        return self._on_device[device]
+
+    # ---- public API ----------------------------------------------------------------------------
+    def canonicalize(self, ids: torch.Tensor) -> torch.Tensor:
+        """Canonical ids x' of `ids` [B, T] (validated)."""
+        check_ids(ids, self.spec.vocab_size)
+        lookup = self._constants(ids.device)[0]
+        return lookup[ids.long()]
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> HashState:
+        """The state before any token: every past position reads as the pad id."""
+        history = torch.full((batch_size, self.spec.max_order - 1), self.spec.canonical_pad_id,
+                             dtype=torch.int64, device=device)
+        return HashState(history)
+
+    def __call__(self, ids: torch.Tensor,
+                 doc_starts: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Row indices per layer id: {layer: [B, T, H] int64, each in [0, prime)}."""
+        stacked, _ = self.hash_stacked(ids, doc_starts=doc_starts)
+        return dict(zip(self.spec.layer_ids, stacked.unbind(0), strict=True))
+
+    def step(self, ids: torch.Tensor, state: HashState,
+             doc_starts: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], HashState]:
+        """Hash the next chunk (one token or many) after `state`; returns rows and the new state."""
+        stacked, new_state = self.hash_stacked(ids, state=state, doc_starts=doc_starts)
+        return dict(zip(self.spec.layer_ids, stacked.unbind(0), strict=True)), new_state
+
+    def hash_stacked(self, ids: torch.Tensor, state: HashState | None = None,
+                     doc_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, HashState]:
+        """Rows of every layer as one [L, B, T, H] tensor, and the state after the chunk.
+
+        `doc_starts` [B, T] bool marks tokens that begin a new document (no N-gram reaches back
+        past them). With `spec.doc_boundaries`, the token after each EOS is such a start too.
+        """
+        canon = self.canonicalize(ids)  # [B, T]
+        _, multipliers, primes = self._constants(ids.device)
+        B, T = canon.shape
+        if state is None:
+            state = self.initial_state(B, ids.device)
+        elif state.history.shape != (B, self.spec.max_order - 1):
+            raise ValueError(f"state holds {list(state.history.shape)} history, expected "
+                             f"[{B}, {self.spec.max_order - 1}] for this batch")
+        starts = self._document_starts(ids, doc_starts)  # [B, T] bool or None
+        dist = self._distance_to_start(starts, B, T, ids.device)  # [B, T]
+        ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K-1+T]
+        shifts = self._shifts(ext, dist, T)  # [K, B, T]
+        rows = self._rows(shifts, multipliers, primes)  # [L, B, T, H]
+        return rows, self._next_state(ext, ids, dist, T)
+
+    # ---- the computation, step by step ---------------------------------------------------------
+    def _document_starts(self, ids: torch.Tensor,
+                         doc_starts: torch.Tensor | None) -> torch.Tensor | None:
+        if doc_starts is not None and (doc_starts.shape != ids.shape
+                                       or doc_starts.dtype != torch.bool):
+            raise ValueError(f"doc_starts must be a bool tensor of shape {list(ids.shape)}, got "
+                             f"{doc_starts.dtype} {list(doc_starts.shape)}")
+        eos = self.spec.eos_id
+        if eos is None:
+            return doc_starts
+        after_eos = torch.zeros_like(ids, dtype=torch.bool)
+        after_eos[:, 1:] = ids[:, :-1] == eos
+        return after_eos if doc_starts is None else after_eos | doc_starts
+
+    def _distance_to_start(self, starts: torch.Tensor | None, B: int, T: int,
+                           device: torch.device) -> torch.Tensor:
+        """How many past positions each token may see (the state's K-1 count as visible)."""
+        pos = torch.arange(T, device=device).expand(B, T)
+        visible = self.spec.max_order - 1
+        if starts is None:
+            return pos + visible
+        # Index of the latest start at or before t; -visible where none (the history counts).
+        last_start = torch.where(starts, pos, torch.full_like(pos, -visible)).cummax(dim=1).values
+        return pos - last_start
+
+    def _shifts(self, ext: torch.Tensor, dist: torch.Tensor, T: int) -> torch.Tensor:
+        """s_j[t] = x'[t-j] where visible, else pad; stacked over j = 0..K-1."""
+        K = self.spec.max_order
+        pad = self.spec.canonical_pad_id
+        shifts = []
+        for j in range(K):
+            s = ext[:, K - 1 - j: K - 1 - j + T]
+            if j > 0:
+                s = torch.where(dist >= j, s, pad)
+            shifts.append(s)
+        return torch.stack(shifts)  # [K, B, T]
+
+    def _rows(self, shifts: torch.Tensor, multipliers: torch.Tensor,
+              primes: torch.Tensor) -> torch.Tensor:
+        """XOR-mix the shifts for every layer and order, then reduce modulo each head's prime."""
+        heads = self.spec.config.heads_per_order
+        mix = shifts[0] * multipliers[:, 0, None, None]  # [L, B, T]
+        per_order = []
+        for n in range(2, self.spec.max_order + 1):
+            mix = mix ^ (shifts[n - 1] * multipliers[:, n - 1, None, None])
+            if n in self.spec.orders:
+                i = self.spec.orders.index(n)
+                p = primes[:, None, None, i * heads:(i + 1) * heads]  # [L, 1, 1, heads]
+                per_order.append(torch.remainder(mix.unsqueeze(-1), p))  # [L, B, T, heads]
+        return torch.cat(per_order, dim=-1)  # [L, B, T, H]
+
+    def _next_state(self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor,
+                    T: int) -> HashState:
+        """The K-1 ids that position T will see, with pad past a boundary."""
+        K1 = self.spec.max_order - 1
+        history = ext[:, T:].clone()  # [B, K-1], oldest first
+        if T == 0:
+            return HashState(history)
+        next_dist = dist[:, -1] + 1  # [B]
+        if self.spec.eos_id is not None:
+            next_dist = torch.where(ids[:, -1] == self.spec.eos_id, 0, next_dist)
+        back = torch.arange(K1, 0, -1, device=ids.device)  # column i is K1-i steps back
+        visible = back[None, :] <= next_dist[:, None]
+        history = torch.where(visible, history, self.spec.canonical_pad_id)
+        return HashState(history)
