@@ -34,7 +34,7 @@ def parse_value(text: str, current: object) -> object:
 
 
 def apply_overrides(config: SpecConfig, overrides: Sequence[str]) -> SpecConfig:
-    """Apply `key=value` strings to a config; unknown keys are an error that lists the valid ones."""
+    """Apply `key=value` strings to a config; an unknown key is an error listing the valid ones."""
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
     for item in overrides:
@@ -59,16 +59,21 @@ def cmd_vocab(args: argparse.Namespace) -> None:
     tok = load_tokenizer(args.tokenizer)
     vocab = compress(tok, use_cache=not args.no_cache)
     report = {
-        "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint,
-        "vocab_size": tok.vocab_size, "compressed_vocab_size": vocab.size,
-        "reduction": round(vocab.reduction, 6), "vocab_map_fingerprint": vocab.fingerprint,
+        "tokenizer": tok.name,
+        "tokenizer_fingerprint": tok.fingerprint,
+        "vocab_size": tok.vocab_size,
+        "compressed_vocab_size": vocab.size,
+        "reduction": round(vocab.reduction, 6),
+        "vocab_map_fingerprint": vocab.fingerprint,
         "largest_groups": vocab.groups(tok, top=args.top),
     }
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return
-    print(f"{tok.name}: {tok.vocab_size:,} ids -> {vocab.size:,} canonical ids "
-          f"({vocab.reduction:.2%} fewer)")
+    print(
+        f"{tok.name}: {tok.vocab_size:,} ids -> {vocab.size:,} canonical ids "
+        f"({vocab.reduction:.2%} fewer)"
+    )
     for g in report["largest_groups"]:
         print(f"  {g['size']:>4} ids -> canonical {g['canonical_id']}: {g['tokens'][:8]}")
 
@@ -78,13 +83,19 @@ def cmd_spec(args: argparse.Namespace) -> None:
     if args.json:
         print(spec.to_json(indent=2))
         return
-    print(f"preset {args.preset} (digest {spec.digest}), tokenizer {spec.config.tokenizer}: "
-          f"{spec.vocab_size:,} ids -> {spec.compressed_vocab_size:,} canonical")
-    print(f"orders {list(spec.orders)}, {spec.config.heads_per_order} heads per order, "
-          f"row dim {spec.row_dim}, d_mem {spec.d_mem}, table params {spec.table_params:,}")
+    print(
+        f"preset {args.preset} (digest {spec.digest}), tokenizer {spec.config.tokenizer}: "
+        f"{spec.vocab_size:,} ids -> {spec.compressed_vocab_size:,} canonical"
+    )
+    print(
+        f"orders {list(spec.orders)}, {spec.config.heads_per_order} heads per order, "
+        f"row dim {spec.row_dim}, d_mem {spec.d_mem}, table params {spec.table_params:,}"
+    )
     for layer in spec.layer_ids:
-        print(f"  layer {layer}: {spec.layer_rows(layer):,} rows, primes "
-              f"{list(spec.layer_primes(layer))}")
+        print(
+            f"  layer {layer}: {spec.layer_rows(layer):,} rows, primes "
+            f"{list(spec.layer_primes(layer))}"
+        )
 
 
 def cmd_hash(args: argparse.Namespace) -> None:
@@ -109,7 +120,9 @@ def cmd_hash(args: argparse.Namespace) -> None:
     x = torch.tensor([ids], dtype=torch.int64)
     rows = hasher(x)
     report = {
-        "preset": args.preset, "spec_digest": spec.digest, "ids": ids,
+        "preset": args.preset,
+        "spec_digest": spec.digest,
+        "ids": ids,
         "compressed_ids": hasher.canonicalize(x)[0].tolist(),
         "layers": {str(layer): rows[layer][0].tolist() for layer in spec.layer_ids},
     }
@@ -118,8 +131,10 @@ def cmd_hash(args: argparse.Namespace) -> None:
         return
     for t, tid in enumerate(ids):
         first = spec.layer_ids[0]
-        print(f"{tid:>7} -> {report['compressed_ids'][t]:>7}  layer {first}: "
-              f"{report['layers'][str(first)][t]}")
+        print(
+            f"{tid:>7} -> {report['compressed_ids'][t]:>7}  layer {first}: "
+            f"{report['layers'][str(first)][t]}"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -139,12 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vocab)
 
-    for name, func, help_text in (("spec", cmd_spec, "print a resolved hash spec"),
-                                  ("hash", cmd_hash, "hash token ids or text with a spec")):
+    for name, func, help_text in (
+        ("spec", cmd_spec, "print a resolved hash spec"),
+        ("hash", cmd_hash, "hash token ids or text with a spec"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--preset", required=True, help=f"one of {sorted(PRESETS)}")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a spec field, e.g. --set seed=1 --set layer_ids=1,5")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a spec field, e.g. --set seed=1 --set layer_ids=1,5",
+        )
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         if name == "hash":

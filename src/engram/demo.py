@@ -57,26 +57,34 @@ def _batches(tokens: torch.Tensor, batch: int, seq: int, steps: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
-        chunk = torch.stack([tokens[s:s + seq + 1] for s in starts.tolist()])
+        chunk = torch.stack([tokens[s : s + seq + 1] for s in starts.tolist()])
         yield chunk[:, :-1], chunk[:, 1:]
 
 
 def _evaluate(model: TinyLM, hasher: NgramHasher, tokens: torch.Tensor, seq: int) -> float:
     n = (tokens.numel() - 1) // seq
     x = tokens[: n * seq].view(n, seq)
-    y = tokens[1: n * seq + 1].view(n, seq)
+    y = tokens[1 : n * seq + 1].view(n, seq)
     total = 0.0
     with torch.no_grad():  # in chunks of 16 sequences: [16*seq, V] logits stay small
         for xs, ys in zip(x.split(16), y.split(16), strict=True):
             rows = hasher(xs)[hasher.spec.layer_ids[0]] if model.engram is not None else None
             logits = model(xs, rows)
-            total += nn.functional.cross_entropy(logits.flatten(0, 1), ys.flatten(),
-                                                 reduction="sum").item()
+            total += nn.functional.cross_entropy(
+                logits.flatten(0, 1), ys.flatten(), reduction="sum"
+            ).item()
     return total / y.numel()
 
 
-def _train_arm(name: str, model: TinyLM, hasher: NgramHasher, train: torch.Tensor,
-               val: torch.Tensor, steps: int, seed: int) -> Arm:
+def _train_arm(
+    name: str,
+    model: TinyLM,
+    hasher: NgramHasher,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    steps: int,
+    seed: int,
+) -> Arm:
     groups = [{"params": [p for n, p in model.named_parameters() if "table" not in n]}]
     if model.engram is not None:  # the paper: tables get 5x the learning rate, no weight decay
         groups.append({"params": [model.engram.table.weight], "lr": 5e-3 * 5, "weight_decay": 0.0})
@@ -99,22 +107,31 @@ def _tour_compression() -> dict:
     tok = load_tokenizer("deepseek")
     vocab = compress(tok)
     spec = resolve("demo-v1", tokenizer=tok, vocab=vocab)
-    print(f"1. Tokenizer compression: {tok.vocab_size:,} DeepSeek ids -> {vocab.size:,} canonical "
-          f"ids ({vocab.reduction:.2%} fewer; the paper reports 23.43%)")
+    print(
+        f"1. Tokenizer compression: {tok.vocab_size:,} DeepSeek ids -> {vocab.size:,} canonical "
+        f"ids ({vocab.reduction:.2%} fewer; the paper reports 23.43%)"
+    )
     ids = torch.tensor([tok.encode(EXAMPLE)])
     rows = NgramHasher(spec, vocab)(ids)
     layer = spec.layer_ids[0]
-    print(f"2. Spec demo-v1: layers {list(spec.layer_ids)}, orders {list(spec.orders)}, "
-          f"{spec.heads_total} heads of {spec.row_dim} dims, layer {layer} table "
-          f"{spec.layer_rows(layer):,} rows; primes {list(spec.layer_primes(layer)[:3])}...")
+    print(
+        f"2. Spec demo-v1: layers {list(spec.layer_ids)}, orders {list(spec.orders)}, "
+        f"{spec.heads_total} heads of {spec.row_dim} dims, layer {layer} table "
+        f"{spec.layer_rows(layer):,} rows; primes {list(spec.layer_primes(layer)[:3])}..."
+    )
     for t, tid in enumerate(ids[0, :4].tolist()):
         print(f"   {tok.decode([tid])!r:>12} -> rows {rows[layer][0, t, :4].tolist()}...")
-    return {"vocab_size": tok.vocab_size, "compressed_vocab_size": vocab.size,
-            "reduction": vocab.reduction, "spec_digest": spec.digest}
+    return {
+        "vocab_size": tok.vocab_size,
+        "compressed_vocab_size": vocab.size,
+        "reduction": vocab.reduction,
+        "spec_digest": spec.digest,
+    }
 
 
-def run_demo(steps: int = 300, out_dir: str | Path = "runs/demo-core", seed: int = 0,
-             files: int = 300) -> dict:
+def run_demo(
+    steps: int = 300, out_dir: str | Path = "runs/demo-core", seed: int = 0, files: int = 300
+) -> dict:
     """Run the tour and the small experiment; write `summary.json` to `out_dir`."""
     torch.manual_seed(seed)
     summary = {"compression": _tour_compression()}
@@ -123,10 +140,20 @@ def run_demo(steps: int = 300, out_dir: str | Path = "runs/demo-core", seed: int
     files = stdlib_files("train", max_files=files)
     tok = train_bpe(read_texts(files), vocab_size=2048)
     train = torch.tensor([i for text in read_texts(files) for i in tok.encode(text)])
-    val = torch.tensor([i for text in read_texts(stdlib_files("val", max_files=8))
-                        for i in tok.encode(text)])[:32768]
-    config = SpecConfig(tokenizer="bpe", layer_ids=(0,), orders=(2, 3), heads_per_order=4,
-                        base_sizes=(20011, 20011), row_dim=16)
+    val = torch.tensor(
+        [i for text in read_texts(stdlib_files("val", max_files=8)) for i in tok.encode(text)]
+    )[:32768]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tokenizer.json")  # the spec names a file anyone can load again
+    config = SpecConfig(
+        tokenizer=str(out / "tokenizer.json"),
+        layer_ids=(0,),
+        orders=(2, 3),
+        heads_per_order=4,
+        base_sizes=(20011, 20011),
+        row_dim=16,
+    )
     spec = resolve(config, tokenizer=tok)
     hasher = NgramHasher(spec, compress(tok))
     d = 128
@@ -134,17 +161,23 @@ def run_demo(steps: int = 300, out_dir: str | Path = "runs/demo-core", seed: int
     for name, with_engram in (("bigram", False), ("bigram+engram", True)):
         torch.manual_seed(seed)
         engram = Engram(spec, 0, EngramConfig(hidden_size=d)) if with_engram else None
-        arms.append(_train_arm(name, TinyLM(tok.vocab_size, d, engram), hasher, train, val,
-                               steps, seed))
+        arms.append(
+            _train_arm(name, TinyLM(tok.vocab_size, d, engram), hasher, train, val, steps, seed)
+        )
 
     print(f"\n   {'model':<15}{'params':>10}{'val loss':>10}{'val ppl':>10}{'seconds':>9}")
     for a in arms:
-        print(f"   {a.name:<15}{a.params:>10,}{a.val_loss:>10.3f}{math.exp(a.val_loss):>10.1f}"
-              f"{a.seconds:>9.1f}")
-    summary["experiment"] = {"train_tokens": train.numel(), "val_tokens": val.numel(),
-                             "steps": steps, "arms": [a.__dict__ for a in arms]}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        print(
+            f"   {a.name:<15}{a.params:>10,}{a.val_loss:>10.3f}{math.exp(a.val_loss):>10.1f}"
+            f"{a.seconds:>9.1f}"
+        )
+    (out / "spec.json").write_text(spec.to_json(indent=2))
+    summary["experiment"] = {
+        "train_tokens": train.numel(),
+        "val_tokens": val.numel(),
+        "steps": steps,
+        "arms": [a.__dict__ for a in arms],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nWrote {out / 'summary.json'}")
     return summary

@@ -35,14 +35,15 @@ class HashState:
     """
 
     history: torch.Tensor  # [B, K-1] int64 canonical ids
+    pad_id: int  # canonical pad id: what a forgotten position reads as
 
     @property
     def batch_size(self) -> int:
         return self.history.shape[0]
 
-    def reset(self, rows: torch.Tensor, pad_id: int) -> None:
+    def reset(self, rows: torch.Tensor) -> None:
         """Forget the past of the sequences selected by the bool mask `rows` [B] (new documents)."""
-        self.history[rows] = pad_id
+        self.history[rows] = self.pad_id
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int, name: str = "ids") -> None:
@@ -66,10 +67,16 @@ class NgramHasher:
     """Maps token ids [B, T] to row indices [B, T, H] per Engram layer, bit-exact with the demo."""
 
     def __init__(self, spec: HashSpec, vocab: CompressedVocab) -> None:
-        if vocab.fingerprint != spec.vocab_map_fingerprint:
-            raise ValueError("this vocab map is not the one the spec was built with "
-                             f"(tokenizer {vocab.tokenizer_fingerprint[:12]} vs spec "
-                             f"{spec.tokenizer_fingerprint[:12]}): wrong tokenizer or compression")
+        if (
+            vocab.fingerprint != spec.vocab_map_fingerprint
+            or vocab.size != spec.compressed_vocab_size
+        ):
+            raise ValueError(
+                "this vocab map is not the one the spec was built with (map "
+                f"{vocab.fingerprint[:12]}, {vocab.size} ids vs spec "
+                f"{spec.vocab_map_fingerprint[:12]}, {spec.compressed_vocab_size} ids): "
+                "wrong tokenizer or compression setting"
+            )
         self.spec = spec
         self._lookup = torch.from_numpy(vocab.lookup.copy())  # [V]
         self._multipliers = torch.tensor(spec.multipliers, dtype=torch.int64)  # [L, K]
@@ -80,7 +87,8 @@ class NgramHasher:
         # Cached per device so the hasher follows its input without naming a device itself.
         if device not in self._on_device:
             self._on_device[device] = tuple(
-                t.to(device) for t in (self._lookup, self._multipliers, self._primes))
+                t.to(device) for t in (self._lookup, self._multipliers, self._primes)
+            )
         return self._on_device[device]
 
     # ---- public API ----------------------------------------------------------------------------
@@ -92,24 +100,34 @@ class NgramHasher:
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> HashState:
         """The state before any token: every past position reads as the pad id."""
-        history = torch.full((batch_size, self.spec.max_order - 1), self.spec.canonical_pad_id,
-                             dtype=torch.int64, device=device)
-        return HashState(history)
+        history = torch.full(
+            (batch_size, self.spec.max_order - 1),
+            self.spec.canonical_pad_id,
+            dtype=torch.int64,
+            device=device,
+        )
+        return HashState(history, self.spec.canonical_pad_id)
 
-    def __call__(self, ids: torch.Tensor,
-                 doc_starts: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def __call__(
+        self, ids: torch.Tensor, doc_starts: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
         """Row indices per layer id: {layer: [B, T, H] int64, each in [0, prime)}."""
         stacked, _ = self.hash_stacked(ids, doc_starts=doc_starts)
         return dict(zip(self.spec.layer_ids, stacked.unbind(0), strict=True))
 
-    def step(self, ids: torch.Tensor, state: HashState,
-             doc_starts: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], HashState]:
+    def step(
+        self, ids: torch.Tensor, state: HashState, doc_starts: torch.Tensor | None = None
+    ) -> tuple[dict[int, torch.Tensor], HashState]:
         """Hash the next chunk (one token or many) after `state`; returns rows and the new state."""
         stacked, new_state = self.hash_stacked(ids, state=state, doc_starts=doc_starts)
         return dict(zip(self.spec.layer_ids, stacked.unbind(0), strict=True)), new_state
 
-    def hash_stacked(self, ids: torch.Tensor, state: HashState | None = None,
-                     doc_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, HashState]:
+    def hash_stacked(
+        self,
+        ids: torch.Tensor,
+        state: HashState | None = None,
+        doc_starts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, HashState]:
         """Rows of every layer as one [L, B, T, H] tensor, and the state after the chunk.
 
         `doc_starts` [B, T] bool marks tokens that begin a new document (no N-gram reaches back
@@ -121,8 +139,10 @@ class NgramHasher:
         if state is None:
             state = self.initial_state(B, ids.device)
         elif state.history.shape != (B, self.spec.max_order - 1):
-            raise ValueError(f"state holds {list(state.history.shape)} history, expected "
-                             f"[{B}, {self.spec.max_order - 1}] for this batch")
+            raise ValueError(
+                f"state holds {list(state.history.shape)} history, expected "
+                f"[{B}, {self.spec.max_order - 1}] for this batch"
+            )
         starts = self._document_starts(ids, doc_starts)  # [B, T] bool or None
         dist = self._distance_to_start(starts, B, T, ids.device)  # [B, T]
         ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K-1+T]
@@ -131,12 +151,16 @@ class NgramHasher:
         return rows, self._next_state(ext, ids, dist, T)
 
     # ---- the computation, step by step ---------------------------------------------------------
-    def _document_starts(self, ids: torch.Tensor,
-                         doc_starts: torch.Tensor | None) -> torch.Tensor | None:
-        if doc_starts is not None and (doc_starts.shape != ids.shape
-                                       or doc_starts.dtype != torch.bool):
-            raise ValueError(f"doc_starts must be a bool tensor of shape {list(ids.shape)}, got "
-                             f"{doc_starts.dtype} {list(doc_starts.shape)}")
+    def _document_starts(
+        self, ids: torch.Tensor, doc_starts: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if doc_starts is not None and (
+            doc_starts.shape != ids.shape or doc_starts.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"doc_starts must be a bool tensor of shape {list(ids.shape)}, got "
+                f"{doc_starts.dtype} {list(doc_starts.shape)}"
+            )
         eos = self.spec.eos_id
         if eos is None:
             return doc_starts
@@ -144,8 +168,9 @@ class NgramHasher:
         after_eos[:, 1:] = ids[:, :-1] == eos
         return after_eos if doc_starts is None else after_eos | doc_starts
 
-    def _distance_to_start(self, starts: torch.Tensor | None, B: int, T: int,
-                           device: torch.device) -> torch.Tensor:
+    def _distance_to_start(
+        self, starts: torch.Tensor | None, B: int, T: int, device: torch.device
+    ) -> torch.Tensor:
         """How many past positions each token may see (the state's K-1 count as visible)."""
         pos = torch.arange(T, device=device).expand(B, T)
         visible = self.spec.max_order - 1
@@ -161,14 +186,15 @@ class NgramHasher:
         pad = self.spec.canonical_pad_id
         shifts = []
         for j in range(K):
-            s = ext[:, K - 1 - j: K - 1 - j + T]
+            s = ext[:, K - 1 - j : K - 1 - j + T]
             if j > 0:
                 s = torch.where(dist >= j, s, pad)
             shifts.append(s)
         return torch.stack(shifts)  # [K, B, T]
 
-    def _rows(self, shifts: torch.Tensor, multipliers: torch.Tensor,
-              primes: torch.Tensor) -> torch.Tensor:
+    def _rows(
+        self, shifts: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor
+    ) -> torch.Tensor:
         """XOR-mix the shifts for every layer and order, then reduce modulo each head's prime."""
         heads = self.spec.config.heads_per_order
         mix = shifts[0] * multipliers[:, 0, None, None]  # [L, B, T]
@@ -177,21 +203,22 @@ class NgramHasher:
             mix = mix ^ (shifts[n - 1] * multipliers[:, n - 1, None, None])
             if n in self.spec.orders:
                 i = self.spec.orders.index(n)
-                p = primes[:, None, None, i * heads:(i + 1) * heads]  # [L, 1, 1, heads]
+                p = primes[:, None, None, i * heads : (i + 1) * heads]  # [L, 1, 1, heads]
                 per_order.append(torch.remainder(mix.unsqueeze(-1), p))  # [L, B, T, heads]
         return torch.cat(per_order, dim=-1)  # [L, B, T, H]
 
-    def _next_state(self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor,
-                    T: int) -> HashState:
+    def _next_state(
+        self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor, T: int
+    ) -> HashState:
         """The K-1 ids that position T will see, with pad past a boundary."""
         K1 = self.spec.max_order - 1
         history = ext[:, T:].clone()  # [B, K-1], oldest first
         if T == 0:
-            return HashState(history)
+            return HashState(history, self.spec.canonical_pad_id)
         next_dist = dist[:, -1] + 1  # [B]
         if self.spec.eos_id is not None:
             next_dist = torch.where(ids[:, -1] == self.spec.eos_id, 0, next_dist)
         back = torch.arange(K1, 0, -1, device=ids.device)  # column i is K1-i steps back
         visible = back[None, :] <= next_dist[:, None]
         history = torch.where(visible, history, self.spec.canonical_pad_id)
-        return HashState(history)
+        return HashState(history, self.spec.canonical_pad_id)

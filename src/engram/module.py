@@ -69,8 +69,9 @@ class ShortConv(nn.Module):
         channels = dim * num_branches
         # eps 1e-5 as the demo's ShortConv; the gate norms keep torch's default like the demo.
         self.norm = BranchRMSNorm(num_branches, dim, eps=1e-5)
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
-                              dilation=dilation)
+        self.conv = nn.Conv1d(
+            channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation
+        )
         nn.init.zeros_(self.conv.weight)  # the conv path starts as identity of the residual
         self.receptive = (kernel_size - 1) * dilation  # past steps the conv reads
 
@@ -103,8 +104,9 @@ class Engram(nn.Module):
         self.key_proj = nn.Linear(D, self.num_keys * d)
         self.key_norm = BranchRMSNorm(M, d)
         self.query_norm = BranchRMSNorm(M, d)
-        self.conv = (ShortConv(d, M, config.kernel_size, dilation=spec.max_order)
-                     if config.conv else None)
+        self.conv = (
+            ShortConv(d, M, config.kernel_size, dilation=spec.max_order) if config.conv else None
+        )
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         h, squeeze = self._check_inputs(hidden, rows)  # h [B, T, M, d]
@@ -143,14 +145,18 @@ class Engram(nn.Module):
         d, M, H = self.config.hidden_size, self.config.num_branches, self.spec.heads_total
         squeeze = hidden.ndim == 3
         if squeeze and M != 1:
-            raise ValueError(f"hidden [B, T, d] is only accepted for M = 1; this module has "
-                             f"M = {M}: pass [B, T, {M}, {d}]")
+            raise ValueError(
+                f"hidden [B, T, d] is only accepted for M = 1; this module has "
+                f"M = {M}: pass [B, T, {M}, {d}]"
+            )
         h = hidden.unsqueeze(2) if squeeze else hidden
         if h.ndim != 4 or h.shape[2:] != (M, d):
             raise ValueError(f"hidden must be [B, T, {M}, {d}], got {list(hidden.shape)}")
         if rows.dtype not in (torch.int64, torch.int32) or rows.shape != (*h.shape[:2], H):
-            raise ValueError(f"rows must be int [B, T, {H}] = {[*h.shape[:2], H]}, got "
-                             f"{rows.dtype} {list(rows.shape)}")
+            raise ValueError(
+                f"rows must be int [B, T, {H}] = {[*h.shape[:2], H]}, got "
+                f"{rows.dtype} {list(rows.shape)}"
+            )
         return h, squeeze
 
     # ---- accounting ----------------------------------------------------------------------------
@@ -176,5 +182,7 @@ class Engram(nn.Module):
         return proj + gate + conv
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer_id}, rows={self.table.num_embeddings}, "
-                f"heads={self.spec.heads_total}, d_mem={self.spec.d_mem}")
+        return (
+            f"layer={self.layer_id}, rows={self.table.num_embeddings}, "
+            f"heads={self.spec.heads_total}, d_mem={self.spec.d_mem}"
+        )

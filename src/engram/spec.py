@@ -45,15 +45,20 @@ class SpecConfig:
     compress: bool = True  # canonicalise ids first (False: an ablation)
 
     def validate(self) -> None:
-        if not self.layer_ids or len(set(self.layer_ids)) != len(self.layer_ids):
-            raise ValueError(f"layer_ids={list(self.layer_ids)} must be non-empty and unique")
+        if not self.layer_ids or sorted(set(self.layer_ids)) != list(self.layer_ids):
+            # Increasing, because primes are handed out layer by layer in this order.
+            raise ValueError(
+                f"layer_ids={list(self.layer_ids)} must be non-empty, unique and increasing"
+            )
         if any(i < 0 for i in self.layer_ids):
             raise ValueError(f"layer_ids={list(self.layer_ids)} must be >= 0")
         if not self.orders or sorted(set(self.orders)) != list(self.orders) or self.orders[0] < 2:
             raise ValueError(f"orders={list(self.orders)} must be increasing, unique and >= 2")
         if len(self.base_sizes) != len(self.orders):
-            raise ValueError(f"base_sizes={list(self.base_sizes)} needs one size per order "
-                             f"({len(self.orders)} orders)")
+            raise ValueError(
+                f"base_sizes={list(self.base_sizes)} needs one size per order "
+                f"({len(self.orders)} orders)"
+            )
         if any(b < 2 for b in self.base_sizes):
             raise ValueError(f"base_sizes={list(self.base_sizes)} must all be >= 2")
         if self.heads_per_order < 1:
@@ -69,22 +74,52 @@ PRESETS: dict[str, SpecConfig] = {
     # The official demo's EngramConfig: engram_vocab_size [129280*5]*2, max_ngram_size 3,
     # n_embed_per_ngram 512 over 8 heads (64 per row), layer_ids [1, 15], pad_id 2, seed 0.
     # The demo lets N-grams cross documents, so boundaries are off for bit-compatibility.
-    "demo-v1": SpecConfig(tokenizer="deepseek", layer_ids=(1, 15), orders=(2, 3), heads_per_order=8,
-                          base_sizes=(129280 * 5, 129280 * 5), row_dim=64, seed=0, pad_id=2,
-                          doc_boundaries=False),
+    "demo-v1": SpecConfig(
+        tokenizer="deepseek",
+        layer_ids=(1, 15),
+        orders=(2, 3),
+        heads_per_order=8,
+        base_sizes=(129280 * 5, 129280 * 5),
+        row_dim=64,
+        seed=0,
+        pad_id=2,
+        doc_boundaries=False,
+    ),
     # Engram-27B (paper section 4): blocks 2 and 15 of 30, orders 2-3, 8 heads, base 2,262,400
     # per head, d_mem 1280 = 16 rows of 80.
-    "paper-27b": SpecConfig(tokenizer="deepseek", layer_ids=(1, 14), orders=(2, 3),
-                            heads_per_order=8, base_sizes=(2_262_400, 2_262_400), row_dim=80,
-                            seed=0, pad_id=2),
+    "paper-27b": SpecConfig(
+        tokenizer="deepseek",
+        layer_ids=(1, 14),
+        orders=(2, 3),
+        heads_per_order=8,
+        base_sizes=(2_262_400, 2_262_400),
+        row_dim=80,
+        seed=0,
+        pad_id=2,
+    ),
     # DeepSeek-V4.1-Flash as public inference engines describe it: 0-based layers 1 and 14,
     # orders 2-4, 8 heads per order, base 16,000,000 per head, 256-value rows.
-    "deepseek-v4.1-flash": SpecConfig(tokenizer="deepseek", layer_ids=(1, 14), orders=(2, 3, 4),
-                                      heads_per_order=8, base_sizes=(16_000_000,) * 3,
-                                      row_dim=256, seed=0, pad_id=2),
+    "deepseek-v4.1-flash": SpecConfig(
+        tokenizer="deepseek",
+        layer_ids=(1, 14),
+        orders=(2, 3, 4),
+        heads_per_order=8,
+        base_sizes=(16_000_000,) * 3,
+        row_dim=256,
+        seed=0,
+        pad_id=2,
+    ),
     # For tests: tiny prime tables so collisions are frequent and everything runs in milliseconds.
-    "tiny": SpecConfig(tokenizer="deepseek", layer_ids=(0, 2), orders=(2, 3), heads_per_order=2,
-                       base_sizes=(1009, 1013), row_dim=8, seed=0, pad_id=2),
+    "tiny": SpecConfig(
+        tokenizer="deepseek",
+        layer_ids=(0, 2),
+        orders=(2, 3),
+        heads_per_order=2,
+        base_sizes=(1009, 1013),
+        row_dim=8,
+        seed=0,
+        pad_id=2,
+    ),
 }
 
 
@@ -94,8 +129,9 @@ def preset(name: str) -> SpecConfig:
     return PRESETS[name]
 
 
-def derive_multipliers(seed: int, layer_id: int, max_order: int,
-                       compressed_vocab_size: int) -> tuple[int, ...]:
+def derive_multipliers(
+    seed: int, layer_id: int, max_order: int, compressed_vocab_size: int
+) -> tuple[int, ...]:
     """The demo's odd multipliers m_0..m_{max_order-1} of one layer."""
     half_bound = max(1, (int(np.iinfo(np.int64).max) // compressed_vocab_size) // 2)
     rng = np.random.default_rng(int(seed + _LAYER_SEED_STRIDE * layer_id))
@@ -103,8 +139,12 @@ def derive_multipliers(seed: int, layer_id: int, max_order: int,
     return tuple(int(x) * 2 + 1 for x in r)
 
 
-def derive_primes(layer_ids: tuple[int, ...], orders: tuple[int, ...], heads_per_order: int,
-                  base_sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+def derive_primes(
+    layer_ids: tuple[int, ...],
+    orders: tuple[int, ...],
+    heads_per_order: int,
+    base_sizes: tuple[int, ...],
+) -> tuple[tuple[int, ...], ...]:
     """Per layer, the flat (order-major, then head) list of unique prime table sizes."""
     taken: set[int] = set()
     per_layer = []
@@ -166,8 +206,9 @@ class HashSpec:
 
     def _index(self, layer_id: int) -> int:
         if layer_id not in self.config.layer_ids:
-            raise ValueError(f"layer {layer_id} has no Engram; spec layers are "
-                             f"{list(self.config.layer_ids)}")
+            raise ValueError(
+                f"layer {layer_id} has no Engram; spec layers are {list(self.config.layer_ids)}"
+            )
         return self.config.layer_ids.index(layer_id)
 
     def layer_primes(self, layer_id: int) -> tuple[int, ...]:
@@ -228,29 +269,44 @@ class HashSpec:
         """Rebuild and verify: every derived number must match what the config derives."""
         version = data.get("format_version")
         if version != SPEC_FORMAT:
-            raise ValueError(f"spec format_version={version!r} is not supported "
-                             f"(this library reads {SPEC_FORMAT})")
+            raise ValueError(
+                f"spec format_version={version!r} is not supported "
+                f"(this library reads {SPEC_FORMAT})"
+            )
         try:
             config = SpecConfig(
-                tokenizer=data["tokenizer"], layer_ids=tuple(data["layer_ids"]),
-                orders=tuple(data["orders"]), heads_per_order=int(data["heads_per_order"]),
-                base_sizes=tuple(data["base_sizes"]), row_dim=int(data["row_dim"]),
-                seed=int(data["seed"]), pad_id=data["pad_id"],
-                doc_boundaries=bool(data["doc_boundaries"]), compress=bool(data["compress"]))
-            spec = _derive(config, data["tokenizer_fingerprint"], data["vocab_map_fingerprint"],
-                           int(data["normalizer_version"]), int(data["vocab_size"]),
-                           int(data["compressed_vocab_size"]), int(data["canonical_pad_id"]),
-                           data["eos_id"])
+                tokenizer=data["tokenizer"],
+                layer_ids=tuple(data["layer_ids"]),
+                orders=tuple(data["orders"]),
+                heads_per_order=int(data["heads_per_order"]),
+                base_sizes=tuple(data["base_sizes"]),
+                row_dim=int(data["row_dim"]),
+                seed=int(data["seed"]),
+                pad_id=data["pad_id"],
+                doc_boundaries=bool(data["doc_boundaries"]),
+                compress=bool(data["compress"]),
+            )
+            spec = _derive(
+                config,
+                data["tokenizer_fingerprint"],
+                data["vocab_map_fingerprint"],
+                int(data["normalizer_version"]),
+                int(data["vocab_size"]),
+                int(data["compressed_vocab_size"]),
+                int(data["canonical_pad_id"]),
+                data["eos_id"],
+            )
         except (KeyError, TypeError) as e:
             raise ValueError(f"spec is missing or has a malformed field: {e}") from e
-        stored = data.get("layers", {})
-        for layer in spec.layer_ids:
-            got = stored.get(str(layer), {})
-            for key, want in (("primes", spec.layer_primes(layer)),
-                              ("multipliers", spec.layer_multipliers(layer))):
-                if key in got and tuple(got[key]) != want:
-                    raise ValueError(f"spec layer {layer} {key} {got[key][:3]}... do not match "
-                                     f"what its config derives {list(want[:3])}...: corrupt spec")
+        # Every derived number stored in the file must be what the config derives.
+        derived = spec.to_dict()
+        wrong = sorted(k for k in data if k in derived and data[k] != derived[k])
+        missing = sorted(k for k in derived if k not in data)
+        if wrong or missing:
+            raise ValueError(
+                f"spec fields {wrong + missing} do not match what its config "
+                "derives: corrupt or hand-edited spec"
+            )
         return spec
 
     @classmethod
@@ -262,20 +318,40 @@ class HashSpec:
         return cls.from_dict(data)
 
 
-def _derive(config: SpecConfig, tokenizer_fingerprint: str, vocab_map_fingerprint: str,
-            normalizer_version: int, vocab_size: int, compressed_vocab_size: int,
-            canonical_pad_id: int, eos_id: int | None) -> HashSpec:
+def _derive(
+    config: SpecConfig,
+    tokenizer_fingerprint: str,
+    vocab_map_fingerprint: str,
+    normalizer_version: int,
+    vocab_size: int,
+    compressed_vocab_size: int,
+    canonical_pad_id: int,
+    eos_id: int | None,
+) -> HashSpec:
     config.validate()
     if not 0 <= canonical_pad_id < compressed_vocab_size:
-        raise ValueError(f"canonical_pad_id={canonical_pad_id} is outside "
-                         f"[0, {compressed_vocab_size})")
-    multipliers = tuple(derive_multipliers(config.seed, layer, config.orders[-1],
-                                           compressed_vocab_size) for layer in config.layer_ids)
-    primes = derive_primes(config.layer_ids, config.orders, config.heads_per_order,
-                           config.base_sizes)
-    return HashSpec(config, tokenizer_fingerprint, vocab_map_fingerprint, normalizer_version,
-                    vocab_size, compressed_vocab_size, canonical_pad_id, eos_id, multipliers,
-                    primes)
+        raise ValueError(
+            f"canonical_pad_id={canonical_pad_id} is outside [0, {compressed_vocab_size})"
+        )
+    multipliers = tuple(
+        derive_multipliers(config.seed, layer, config.orders[-1], compressed_vocab_size)
+        for layer in config.layer_ids
+    )
+    primes = derive_primes(
+        config.layer_ids, config.orders, config.heads_per_order, config.base_sizes
+    )
+    return HashSpec(
+        config,
+        tokenizer_fingerprint,
+        vocab_map_fingerprint,
+        normalizer_version,
+        vocab_size,
+        compressed_vocab_size,
+        canonical_pad_id,
+        eos_id,
+        multipliers,
+        primes,
+    )
 
 
 def resolve(config: SpecConfig | str, tokenizer=None, vocab=None, **overrides: Any) -> HashSpec:
@@ -302,5 +378,13 @@ def resolve(config: SpecConfig | str, tokenizer=None, vocab=None, **overrides: A
     if not 0 <= pad_id < tokenizer.vocab_size:
         raise ValueError(f"pad_id={pad_id} is outside the tokenizer's [0, {tokenizer.vocab_size})")
     eos_id = tokenizer.eos_id if config.doc_boundaries else None
-    return _derive(config, tokenizer.fingerprint, vocab.fingerprint, NORMALIZER_VERSION,
-                   tokenizer.vocab_size, vocab.size, int(vocab.lookup[pad_id]), eos_id)
+    return _derive(
+        config,
+        tokenizer.fingerprint,
+        vocab.fingerprint,
+        NORMALIZER_VERSION,
+        tokenizer.vocab_size,
+        vocab.size,
+        int(vocab.lookup[pad_id]),
+        eos_id,
+    )

