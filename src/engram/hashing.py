@@ -96,7 +96,8 @@ class NgramHasher:
         """Canonical ids x' of `ids` [B, T] (validated)."""
         check_ids(ids, self.spec.vocab_size)
         lookup = self._constants(ids.device)[0]
-        return lookup[ids.long()]
+        # index_select on the flat ids is faster than advanced indexing on one thread.
+        return lookup.index_select(0, ids.reshape(-1).long()).view(ids.shape)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> HashState:
         """The state before any token: every past position reads as the pad id."""
@@ -195,17 +196,24 @@ class NgramHasher:
     def _rows(
         self, shifts: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor
     ) -> torch.Tensor:
-        """XOR-mix the shifts for every layer and order, then reduce modulo each head's prime."""
+        """XOR-mix the shifts for every layer and order, then reduce modulo each head's prime.
+
+        The remainders are computed head-major ([L, H, B, T] in memory) and returned as a
+        [L, B, T, H] view: a long inner loop over positions is what makes the 64-bit divisions
+        (which x86 cannot vectorise) run at full speed; see docs/benchmarks.md.
+        """
         heads = self.spec.config.heads_per_order
         mix = shifts[0] * multipliers[:, 0, None, None]  # [L, B, T]
-        per_order = []
+        mixes = []
         for n in range(2, self.spec.max_order + 1):
             mix = mix ^ (shifts[n - 1] * multipliers[:, n - 1, None, None])
             if n in self.spec.orders:
-                i = self.spec.orders.index(n)
-                p = primes[:, None, None, i * heads : (i + 1) * heads]  # [L, 1, 1, heads]
-                per_order.append(torch.remainder(mix.unsqueeze(-1), p))  # [L, B, T, heads]
-        return torch.cat(per_order, dim=-1)  # [L, B, T, H]
+                mixes.append(mix)
+        L, B, T = mix.shape
+        mixes = torch.stack(mixes, dim=1)  # [L, O, B, T]
+        p = primes.view(L, len(self.spec.orders), heads, 1, 1)  # [L, O, heads, 1, 1]
+        rows = torch.remainder(mixes.unsqueeze(2), p)  # [L, O, heads, B, T]
+        return rows.flatten(1, 2).permute(0, 2, 3, 1)  # [L, B, T, H] (strided view)
 
     def _next_state(
         self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor, T: int
