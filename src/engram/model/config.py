@@ -1,0 +1,193 @@
+"""Typed configuration of the Engram language model, with presets kept as data.
+
+A model is a decoder-only Transformer: RMSNorm, rotary grouped-query attention, SwiGLU feed-forward
+(dense, or a DeepSeekMoE layer of shared plus fine-grained routed experts), optional
+manifold-constrained hyper-connections with M residual branches, and Engram memory at chosen blocks
+(before attention, as the paper places it). Swapping MoE for dense is one field: `moe=None`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from engram.spec import SpecConfig
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE: `num_shared` always-on experts plus top-k of `num_routed` routed experts."""
+
+    num_routed: int
+    top_k: int
+    expert_hidden: int  # SwiGLU hidden size of one (fine-grained) expert
+    num_shared: int = 1
+    bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step (DeepSeek-V3's gamma)
+
+    def validate(self) -> None:
+        if self.num_routed < 1 or not 1 <= self.top_k <= self.num_routed:
+            raise ValueError(f"MoE top_k={self.top_k} must be in [1, num_routed={self.num_routed}]")
+        if self.expert_hidden < 1 or self.num_shared < 0:
+            raise ValueError(
+                f"MoE expert_hidden={self.expert_hidden} must be >= 1 and "
+                f"num_shared={self.num_shared} >= 0"
+            )
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngramOptions:
+    """The Engram memory of a model: its addressing (`spec`) and the module's switches."""
+
+    spec: SpecConfig  # layer_ids in the spec are the blocks that hold an Engram
+    gate: bool = True
+    conv: bool = True
+    branch_keys: bool = True
+    table_init_std: float = 0.02  # rows start small like the token embeddings (paper: silent)
+    table_lr_multiplier: float = 5.0  # the paper: tables train with Adam at 5x the base lr
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int  # hidden size of the dense SwiGLU (dense blocks, and all blocks if moe=None)
+    moe: MoEConfig | None = None
+    first_dense_layers: int = 1  # DeepSeekMoE keeps the first block(s) dense
+    hc_branches: int = 1  # M; 1 is the plain residual stream, the paper uses 4 (mHC)
+    engram: EngramOptions | None = None
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.first_dense_layers
+
+    def validate(self) -> None:
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_hidden",
+            "hc_branches",
+            "max_seq_len",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.d_model % self.n_heads or self.head_dim % 2:
+            raise ValueError(
+                f"d_model={self.d_model} must split into n_heads={self.n_heads} "
+                "heads of an even size (rotary embeddings rotate pairs)"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.moe is not None:
+            self.moe.validate()
+        if self.engram is not None:
+            self.engram.spec.validate()
+            bad = [i for i in self.engram.spec.layer_ids if i >= self.n_layers]
+            if bad:
+                raise ValueError(
+                    f"Engram layer_ids {bad} are outside the model's {self.n_layers} layers"
+                )
+
+    def with_(self, **changes) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def _tiny_spec(tokenizer: str = "deepseek") -> SpecConfig:
+    return SpecConfig(
+        tokenizer=tokenizer,
+        layer_ids=(1,),
+        orders=(2, 3),
+        heads_per_order=2,
+        base_sizes=(1009, 1013),
+        row_dim=8,
+    )
+
+
+# Presets are data; each comment says where its numbers come from.
+PRESETS: dict[str, ModelConfig] = {
+    # For tests: runs a step in milliseconds on a CPU.
+    "tiny": ModelConfig(
+        vocab_size=512,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=64,
+        moe=MoEConfig(num_routed=4, top_k=2, expert_hidden=16),
+        hc_branches=2,
+        max_seq_len=256,
+        engram=EngramOptions(spec=_tiny_spec()),
+    ),
+    # The CPU demo: about 5M parameters outside the embeddings, trains at a few thousand tokens/s
+    # on 2 cores; Engram at block 1 (the paper's best single layer, 0-based), orders 2-3.
+    "demo": ModelConfig(
+        vocab_size=8192,
+        d_model=256,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=768,
+        moe=MoEConfig(num_routed=16, top_k=2, expert_hidden=192),
+        hc_branches=1,
+        max_seq_len=512,
+        engram=EngramOptions(
+            spec=SpecConfig(
+                tokenizer="deepseek",
+                layer_ids=(1,),
+                orders=(2, 3),
+                heads_per_order=4,
+                base_sizes=(30011, 30011),
+                row_dim=32,
+            )
+        ),
+    ),
+    # The paper's ablation backbone (section 5): 12 layers, 3B total / 0.56B active, Engram at
+    # layers 2 and 6 (0-based 1 and 5) with mHC M = 4. Width and expert counts are our reading of
+    # a DeepSeekMoE-style 3B model, for GPUs.
+    "paper-3b-ablation": ModelConfig(
+        vocab_size=129280,
+        d_model=1536,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_hidden=4096,
+        moe=MoEConfig(num_routed=64, top_k=6, expert_hidden=512, num_shared=2),
+        hc_branches=4,
+        max_seq_len=4096,
+        engram=EngramOptions(
+            spec=SpecConfig(
+                tokenizer="deepseek",
+                layer_ids=(1, 5),
+                orders=(2, 3),
+                heads_per_order=8,
+                base_sizes=(640_000, 640_000),
+                row_dim=80,
+            )
+        ),
+    ),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = ["PRESETS", "EngramOptions", "MoEConfig", "ModelConfig", "model_preset"]

@@ -1,0 +1,167 @@
+"""The Engram language model: a decoder-only Transformer with Engram memory at chosen blocks.
+
+Each block (paper section 2.4: Engram sits before attention):
+
+    x = x + Engram(x, rows)                  only at the spec's layer_ids; per-branch gated memory
+    x = R_attn(x, h -> Attention(RMSNorm(h)))
+    x = R_ffn(x, h -> FFN(RMSNorm(h)))       SwiGLU, or DeepSeekMoE after the first dense blocks
+
+R is the plain residual for M = 1 and an mHC hyper-connection for M > 1. The model is
+single-device code: it never names a device and knows nothing of training or storage.
+
+Legend: B batch, T time, M residual branches, d width, V vocabulary, H Engram heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.hashing import NgramHasher
+from engram.model.config import ModelConfig
+from engram.model.hyper import residual_for
+from engram.model.layers import Attention, Rotary, SwiGLU
+from engram.model.moe import MoE
+from engram.module import Engram, EngramConfig
+from engram.spec import HashSpec
+
+Rows = dict[int, torch.Tensor]  # Engram layer id -> row indices [B, T, H]
+
+
+class Block(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer: int, rotary: Rotary, spec: HashSpec | None
+    ) -> None:
+        super().__init__()
+        d, M = config.d_model, config.hc_branches
+        self.layer = layer
+        self.engram = None
+        if spec is not None and layer in spec.layer_ids:
+            opts = config.engram
+            self.engram = Engram(
+                spec,
+                layer,
+                EngramConfig(
+                    hidden_size=d,
+                    num_branches=M,
+                    gate=opts.gate,
+                    conv=opts.conv,
+                    branch_keys=opts.branch_keys,
+                    table_init_std=opts.table_init_std,
+                ),
+            )
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn = Attention(config, rotary)
+        self.attn_res = residual_for(d, M)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn = (
+            MoE(d, config.moe) if config.is_moe_layer(layer) else SwiGLU(d, config.ffn_hidden)
+        )
+        self.ffn_res = residual_for(d, M)
+
+    def forward(self, x: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+        # x [B, T, M, d]
+        if self.engram is not None:
+            x = x + self.engram(x, rows[self.layer])
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h)))
+        return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
+
+
+class EngramLM(nn.Module):
+    """`forward(ids [B, T], rows=None, targets=None) -> logits [B, T, V]` (and the loss)."""
+
+    def __init__(
+        self, config: ModelConfig, spec: HashSpec | None = None, hasher: NgramHasher | None = None
+    ) -> None:
+        super().__init__()
+        config.validate()
+        if (config.engram is None) != (spec is None):
+            raise ValueError("pass a resolved HashSpec exactly when the config has Engram")
+        if spec is not None and spec.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"the spec's tokenizer has {spec.vocab_size} ids but the model's "
+                f"vocab_size is {config.vocab_size}"
+            )
+        self.config, self.spec, self.hasher = config, spec, hasher
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, i, rotary, spec) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        """N(0, init_std) for projections and embeddings, zero biases. Engram tables keep their
+        own init (`table_init_std`), the Engram conv and the mHC dynamic terms stay zero."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if name.endswith("_res") or ".conv" in name or name.endswith(".dynamic"):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding) and not name.endswith(".table"):
+                nn.init.normal_(module.weight, std=std)
+
+    @property
+    def engram_layers(self) -> list[Engram]:
+        return [b.engram for b in self.blocks if b.engram is not None]
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def hash(self, ids: torch.Tensor, doc_starts: torch.Tensor | None = None) -> Rows | None:
+        """Rows for every Engram layer, through the attached hasher (None without Engram)."""
+        if self.spec is None:
+            return None
+        if self.hasher is None:
+            raise ValueError(
+                "this model has Engram layers but no hasher: pass rows= (hash in "
+                "the data loader) or build the model with a hasher"
+            )
+        return self.hasher(ids, doc_starts=doc_starts)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        rows: Rows | None = None,
+        targets: torch.Tensor | None = None,
+        engram_off: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V]; with `targets` [B, T] also the mean cross-entropy (-100 ignored).
+
+        `engram_off=True` skips every Engram layer (the paper's switch-off test).
+        """
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be [B, T], got {list(ids.shape)}")
+        if rows is None and not engram_off:
+            rows = self.hash(ids)
+        B, T = ids.shape
+        M = self.config.hc_branches
+        x = self.embed(ids).unsqueeze(2).expand(B, T, M, self.config.d_model)  # [B, T, M, d]
+        for block in self.blocks:
+            if engram_off and block.engram is not None:
+                x = block.attn_res(x, lambda h, b=block: b.attn(b.attn_norm(h)))
+                x = block.ffn_res(x, lambda h, b=block: b.ffn(b.ffn_norm(h)))
+            else:
+                x = block(x, rows)
+        logits = self.head(self.norm(x.mean(dim=2)))  # [B, T, V]
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def update_route_biases(self) -> dict[str, float]:
+        """The MoE balancing step; call after each optimiser step. Returns worst-layer stats."""
+        stats: dict[str, float] = {}
+        for moe in self.moe_layers:
+            for key, value in moe.update_route_bias().items():
+                worse = max if key == "max_load" else min
+                stats[key] = worse(stats.get(key, value), value)
+        return stats

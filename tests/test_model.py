@@ -1,0 +1,159 @@
+"""The Engram LM backbone: shapes, causality, mHC, MoE routing and balancing, switches, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engram.hashing import NgramHasher
+from engram.model import EngramLM, MoEConfig, model_preset
+from engram.model.hyper import HyperConnection, sinkhorn
+from engram.model.moe import MoE
+from engram.spec import resolve
+from engram.tokenizer import train_bpe
+from engram.vocab import compress
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\n"] * 40
+    return train_bpe(texts, vocab_size=300)
+
+
+def build(tok, **changes):
+    cfg = model_preset("tiny").with_(vocab_size=tok.vocab_size, **changes)
+    if cfg.engram is None:
+        torch.manual_seed(0)
+        return EngramLM(cfg)
+    vocab = compress(tok, use_cache=False)
+    spec = resolve(cfg.engram.spec, tokenizer=tok, vocab=vocab, pad_id=tok.pad_id)
+    torch.manual_seed(0)
+    return EngramLM(cfg, spec, NgramHasher(spec, vocab))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"hc_branches": 1},
+        {"moe": None},
+        {"engram": None},
+        {"hc_branches": 4, "first_dense_layers": 0},
+    ],
+)
+def test_forward_backward_shapes(small_tok, changes):
+    model = build(small_tok, **changes)
+    ids = torch.randint(0, small_tok.vocab_size, (2, 20))
+    logits, loss = model(ids, targets=ids)
+    assert logits.shape == (2, 20, model.config.vocab_size)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def test_causal(small_tok):
+    model = build(small_tok).eval()
+    ids = torch.randint(3, small_tok.vocab_size, (1, 24))
+    changed = ids.clone()
+    changed[0, 12:] = torch.randint(3, small_tok.vocab_size, (12,))
+    a, b = model(ids), model(changed)
+    diff = (a[:, :12] - b[:, :12]).abs().max()
+    # The same arithmetic on the same prefix; only the batch-shape-dependent reduction order
+    # of attention and matmuls can differ, at float32 rounding.
+    assert diff < 1e-5, f"future tokens changed past logits by {diff:.2e}"
+
+
+def test_engram_off_changes_the_output(small_tok):
+    model = build(small_tok)
+    with torch.no_grad():
+        for engram in model.engram_layers:
+            engram.table.weight.normal_()
+    ids = torch.randint(3, small_tok.vocab_size, (1, 10))
+    assert not torch.allclose(model(ids), model(ids, engram_off=True))
+    assert build(small_tok, engram=None).engram_layers == []
+
+
+def test_rows_from_the_loader_equal_rows_from_the_model(small_tok):
+    model = build(small_tok)
+    ids = torch.randint(3, small_tok.vocab_size, (2, 12))
+    assert torch.equal(model(ids), model(ids, rows=model.hasher(ids)))
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    m = sinkhorn(torch.randn(5, 4, 4), iterations=50)
+    # Sinkhorn ends on a column step, so columns are exact and rows converge geometrically.
+    torch.testing.assert_close(m.sum(-1), torch.ones(5, 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(m.sum(-2), torch.ones(5, 4), atol=1e-4, rtol=0)
+    assert bool((m >= 0).all())
+
+
+def test_hyper_connection_starts_as_mean_in_copy_out():
+    hc = HyperConnection(d=8, branches=4)
+    x = torch.randn(2, 3, 4, 8)
+    seen = {}
+
+    def sublayer(h):
+        seen["h"] = h
+        return torch.ones_like(h)
+
+    out = hc(x, sublayer)
+    # H_pre = 1/M each (the sublayer reads the mean), H_res ~ identity, H_post = 1.
+    torch.testing.assert_close(seen["h"], x.mean(2), atol=1e-3, rtol=0)
+    h_pre, h_post, h_res = hc.coefficients(x)
+    # exp(-8) of every off-diagonal logit leaks ~1e-3 between branches: "unmixed" to that level.
+    torch.testing.assert_close(h_res, torch.eye(4).expand(2, 3, 4, 4), atol=2e-3, rtol=0)
+    torch.testing.assert_close(h_post, torch.ones(2, 3, 4))
+    torch.testing.assert_close(out, torch.einsum("btmn,btnd->btmd", h_res, x) + 1)
+
+
+def test_moe_routes_top_k_and_balances():
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_routed=4, top_k=2, expert_hidden=8, bias_update_rate=0.05))
+    with torch.no_grad():
+        moe.router.weight[0] = 0.0
+    x = torch.randn(512, 16)
+    x[:, 0] = 0.0
+    with torch.no_grad():  # expert 0 gets a large constant affinity: it would win every token
+        moe.router.weight[0, 0] = 1.0
+    x[:, 0] = 3.0
+    moe.train()
+    moe(x)
+    assert moe.load.sum() == 512 * 2 and moe.load[0] == 512
+    stats = moe.update_route_bias()
+    assert stats["max_load"] == pytest.approx(2.0) and moe.load.sum() == 0
+    assert moe.route_bias[0] < 0  # the overloaded expert is pushed down
+    for _ in range(100):
+        moe(x)
+        moe.update_route_bias()
+    moe(x)
+    assert moe.load.max() < 0.75 * 512, f"still unbalanced after balancing: {moe.load.tolist()}"
+
+
+def test_moe_equals_dense_sum_over_selected_experts():
+    torch.manual_seed(0)
+    moe = MoE(8, MoEConfig(num_routed=3, top_k=2, expert_hidden=4, num_shared=1)).eval()
+    x = torch.randn(5, 8)
+    scores = torch.sigmoid(moe.router(x))
+    idx = torch.topk(scores, 2).indices
+    want = moe.shared(x)
+    for n in range(5):
+        w = scores[n, idx[n]] / scores[n, idx[n]].sum()
+        for j in range(2):
+            want[n] += w[j] * moe.experts[idx[n, j]](x[n])
+    torch.testing.assert_close(moe(x), want, atol=1e-6, rtol=1e-5)
+
+
+def test_config_errors(small_tok):
+    cfg = model_preset("tiny")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        cfg.with_(n_kv_heads=3).validate()
+    with pytest.raises(ValueError, match="top_k=5"):
+        cfg.with_(moe=MoEConfig(num_routed=4, top_k=5, expert_hidden=8)).validate()
+    with pytest.raises(ValueError, match="outside the model"):
+        cfg.with_(n_layers=1).validate()
+    with pytest.raises(ValueError, match="exactly when the config has Engram"):
+        EngramLM(cfg.with_(vocab_size=small_tok.vocab_size))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model_preset("huge")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        build(small_tok)(torch.zeros(1, 300, dtype=torch.long))
