@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--ids", help="comma-separated token ids")
             src.add_argument("--text", help="text to tokenize with the spec's tokenizer")
 
-    p = sub.add_parser("demo", help="a one-minute tour of the core with a small experiment")
+    p = sub.add_parser("demo", help="a two-minute tour of the core with a small experiment")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default="runs/demo-core")
     p.set_defaults(func=cmd_demo)

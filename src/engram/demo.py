@@ -1,4 +1,4 @@
-"""`engram demo`: an end-to-end tour of the core, in about a minute on a laptop CPU.
+"""`engram demo`: an end-to-end tour of the core, in about two minutes on a 2-core CPU.
 
 1. The DeepSeek tokenizer's compression (the paper reports a 23.43% reduction).
 2. The `demo-v1` hash spec and the rows it addresses for the paper's example sentence.
