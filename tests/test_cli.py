@@ -71,8 +71,8 @@ def test_human_output(capsys):
     "argv, message",
     [
         (["spec", "--preset", "nope"], "unknown spec preset 'nope'"),
-        (["spec", "--preset", "tiny", "--set", "colour=red"], "bad override 'colour=red'"),
-        (["spec", "--preset", "tiny", "--set", "seed=x"], "bad override 'seed=x'"),
+        (["spec", "--preset", "tiny", "--set", "colour=red"], "unknown key 'colour'"),
+        (["spec", "--preset", "tiny", "--set", "seed=x"], "seed='x' is not a valid int"),
         (["spec", "--preset", "tiny", "--set", "heads_per_order=0"], "heads_per_order=0"),
         (["hash", "--preset", "tiny", "--ids", "1,-5"], "negative id"),
         (["hash", "--preset", "tiny", "--ids", "1,999999"], "outside the tokenizer"),

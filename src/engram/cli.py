@@ -7,49 +7,22 @@ detected; `main` turns it into one line on stderr and exit status 2, never a tra
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 
 import torch
 
+from engram.config_io import apply_overrides, parse_assignments
 from engram.spec import PRESETS, HashSpec, SpecConfig, preset, resolve
 
 
-def parse_value(text: str, current: object) -> object:
-    """Parse `text` to the type of the field's current value (int, bool, tuple of int, str)."""
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    try:
-        if isinstance(current, tuple):
-            return tuple(int(x) for x in text.split(",") if x.strip())
-        if isinstance(current, int) or current is None:
-            return None if text.lower() == "none" else int(text)
-    except ValueError as e:
-        raise ValueError(f"expected an integer (or comma-separated integers), got {text!r}") from e
-    return text
-
-
-def apply_overrides(config: SpecConfig, overrides: Sequence[str]) -> SpecConfig:
-    """Apply `key=value` strings to a config; an unknown key is an error listing the valid ones."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    changes = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"bad override {item!r}: use key=value with key in {sorted(fields)}")
-        try:
-            changes[key] = parse_value(value, getattr(config, key))
-        except ValueError as e:
-            raise ValueError(f"bad override {item!r}: {e}") from e
-    return dataclasses.replace(config, **changes)
+def _spec_config(args: argparse.Namespace) -> SpecConfig:
+    return apply_overrides(preset(args.preset), parse_assignments(args.set))
 
 
 def _spec_from_args(args: argparse.Namespace) -> HashSpec:
-    return resolve(apply_overrides(preset(args.preset), args.set))
+    return resolve(_spec_config(args))
 
 
 def cmd_vocab(args: argparse.Namespace) -> None:
@@ -103,7 +76,7 @@ def cmd_hash(args: argparse.Namespace) -> None:
     from engram.tokenizer import load_tokenizer
     from engram.vocab import compress
 
-    config = apply_overrides(preset(args.preset), args.set)
+    config = _spec_config(args)
     tok = load_tokenizer(config.tokenizer)
     vocab = compress(tok, enabled=config.compress)
     spec = resolve(config, tokenizer=tok, vocab=vocab)
@@ -143,6 +116,82 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, out_dir=args.out)
 
 
+def train_config(recipe: str | None, overrides: Sequence[str]):
+    """Defaults < recipe < key=value. `preset=NAME` (in either) picks the model preset first."""
+    from engram.config_io import load_recipe
+    from engram.model import model_preset
+    from engram.train import TrainConfig
+
+    values = load_recipe(recipe) if recipe else {}
+    values.update(parse_assignments(list(overrides)))
+    name = values.pop("preset", None)
+    base = TrainConfig(model=model_preset(name)) if name else TrainConfig()
+    return apply_overrides(base, values)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from engram.train import train
+
+    config = train_config(args.recipe, args.overrides)
+    summary = train(config, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from engram.data import build_shard
+    from engram.train import evaluate, load_trained, pick_device
+
+    model, tok, config, manifest = load_trained(args.ckpt, device=args.device)
+    config = apply_overrides(config, parse_assignments(args.overrides))
+    val = build_shard(config.data, "val", tok).tokens
+    device = pick_device(args.device)
+    report = {
+        "ckpt": manifest["path"],
+        "step": manifest["step"],
+        "data": config.data,
+        "eval_tokens": config.eval_tokens,
+    }
+    report["val_loss"] = evaluate(model, val, config, device)
+    if model.spec is not None:
+        report["val_loss_engram_off"] = evaluate(model, val, config, device, engram_off=True)
+    print(json.dumps(report))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from engram.config_io import to_dict
+    from engram.model import model_preset
+    from engram.model.accounting import format_plan, plan_allocation, plan_from_moe
+
+    base = apply_overrides(model_preset(args.preset), parse_assignments(args.overrides))
+    if args.p_tot is not None or args.p_act is not None:
+        if args.p_tot is None or args.p_act is None:
+            raise ValueError(
+                "give both --p-tot and --p-act, or neither (then the MoE baseline "
+                "of the preset without Engram sets them)"
+            )
+        plan = plan_allocation(
+            base.with_(engram=None), args.p_tot, args.p_act, args.rho, engram=base.engram
+        )
+    else:
+        plan = plan_from_moe(base.with_(engram=None), args.rho, engram=base.engram)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "rho": plan.rho,
+                    "num_routed": plan.num_routed,
+                    "base_size": plan.base_size,
+                    "table_rows": plan.table_rows,
+                    "counts": plan.counts.as_dict(),
+                    "warnings": plan.warnings,
+                    "config": to_dict(plan.config),
+                }
+            )
+        )
+        return
+    print(format_plan(plan))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
             src = p.add_mutually_exclusive_group(required=True)
             src.add_argument("--ids", help="comma-separated token ids")
             src.add_argument("--text", help="text to tokenize with the spec's tokenizer")
+
+    p = sub.add_parser("train", help="train a model from a recipe and key=value overrides")
+    p.add_argument("--recipe", help="a TOML recipe (see recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in out_dir exactly")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="e.g. preset=demo steps=500 model.moe.num_routed=8 optim.lr=1e-3",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss of a checkpoint (and with Engram off)")
+    p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval_tokens=65536")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plan", help="iso-parameter MoE/Engram allocation (paper section 3.1)")
+    p.add_argument("--preset", default="demo", help="model preset giving the backbone")
+    p.add_argument("--rho", type=float, default=0.8, help="share of P_sparse in routed experts")
+    p.add_argument("--p-tot", type=int, help="target P_tot (default: the MoE baseline's)")
+    p.add_argument("--p-act", type=int, help="target P_act (default: the MoE baseline's)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. vocab_size=8192")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="a two-minute tour of the core with a small experiment")
     p.add_argument("--steps", type=int, default=300)

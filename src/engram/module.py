@@ -101,9 +101,10 @@ class Engram(nn.Module):
 
         # Biases as in the demo's nn.Linear defaults; the paper writes k = W_K e, v = W_V e.
         self.value_proj = nn.Linear(D, d)
-        self.key_proj = nn.Linear(D, self.num_keys * d)
-        self.key_norm = BranchRMSNorm(M, d)
-        self.query_norm = BranchRMSNorm(M, d)
+        if config.gate:  # without the gate, keys and their norms would be dead weights
+            self.key_proj = nn.Linear(D, self.num_keys * d)
+            self.key_norm = BranchRMSNorm(M, d)
+            self.query_norm = BranchRMSNorm(M, d)
         self.conv = (
             ShortConv(d, M, config.kernel_size, dilation=spec.max_order) if config.conv else None
         )

@@ -68,6 +68,11 @@ class Block(nn.Module):
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
 
 
+def _layout(spec_config) -> tuple:
+    c = spec_config
+    return (c.layer_ids, c.orders, c.heads_per_order, c.base_sizes, c.row_dim)
+
+
 class EngramLM(nn.Module):
     """`forward(ids [B, T], rows=None, targets=None) -> logits [B, T, V]` (and the loss)."""
 
@@ -78,6 +83,11 @@ class EngramLM(nn.Module):
         config.validate()
         if (config.engram is None) != (spec is None):
             raise ValueError("pass a resolved HashSpec exactly when the config has Engram")
+        if spec is not None and _layout(spec.config) != _layout(config.engram.spec):
+            raise ValueError(
+                f"the spec's table layout {_layout(spec.config)} differs from the "
+                f"config's {_layout(config.engram.spec)}"
+            )
         if spec is not None and spec.vocab_size > config.vocab_size:
             raise ValueError(
                 f"the spec's tokenizer has {spec.vocab_size} ids but the model's "

@@ -1,0 +1,123 @@
+"""Optimisers and learning-rate schedules for the Engram LM.
+
+Two explicit groups, as the paper trains them (section 4):
+- the backbone with AdamW (weight decay on matrices only, never on norms, biases or embeddings of
+  one dimension);
+- the Engram tables with Adam at `table_lr_multiplier` (5x) the base rate and no weight decay,
+  updated *sparsely*: the tables produce sparse gradients and `torch.optim.SparseAdam` touches only
+  the rows a batch read, together with their moment estimates (lazy Adam).
+`check_groups` asserts that every trainable parameter sits in exactly one group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engram.model.lm import EngramLM
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # "cosine", "step" (x0.316 at 80% and 90%, as DeepSeek) or "constant"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # on the backbone's gradient norm; 0 disables
+    sparse_tables: bool = True  # False: dense Adam over the whole table (for comparisons)
+
+    def validate(self) -> None:
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]"
+            )
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule={self.schedule!r} must be cosine, step or constant")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
+
+
+def lr_factor(step: int, total: int, config: OptimConfig) -> float:
+    """Multiplier of the base rate at `step` (0-based) of `total`: linear warm-up, then decay."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    if config.schedule == "step":
+        return 1.0 if progress < 0.8 else (0.316 if progress < 0.9 else 0.1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+class Optimizers:
+    """The backbone AdamW and the table Adam, stepped together with one schedule."""
+
+    def __init__(self, model: EngramLM, config: OptimConfig) -> None:
+        config.validate()
+        self.config = config
+        tables = [e.table.weight for e in model.engram_layers]
+        table_ids = {id(p) for p in tables}
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad or id(p) in table_ids:
+                continue
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        self.backbone = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+        )
+        self.backbone_params = decay + no_decay
+        mult = model.config.engram.table_lr_multiplier if model.config.engram else 1.0
+        self.table_lr_multiplier = mult
+        self.tables = None
+        if tables:
+            for engram in model.engram_layers:
+                # A training concern applied from outside: the module itself stays dense-agnostic.
+                engram.table.sparse = config.sparse_tables
+            cls = torch.optim.SparseAdam if config.sparse_tables else torch.optim.Adam
+            self.tables = cls(tables, lr=config.lr * mult, betas=(config.beta1, config.beta2))
+        check_groups(model, self.all())
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.backbone] + ([self.tables] if self.tables is not None else [])
+
+    def set_lr(self, factor: float) -> None:
+        for group in self.backbone.param_groups:
+            group["lr"] = self.config.lr * factor
+        if self.tables is not None:
+            for group in self.tables.param_groups:
+                group["lr"] = self.config.lr * self.table_lr_multiplier * factor
+
+    def step(self) -> float:
+        """Clip the backbone gradients, step both optimisers, clear the gradients; returns norm."""
+        norm = 0.0
+        if self.config.grad_clip > 0:
+            norm = float(nn.utils.clip_grad_norm_(self.backbone_params, self.config.grad_clip))
+        for opt in self.all():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return norm
+
+
+def check_groups(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Every trainable parameter is optimised exactly once (internal invariant)."""
+    seen: dict[int, int] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen[id(p)] = seen.get(id(p), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for i, n in names.items() if i not in seen]
+    twice = [names.get(i, "?") for i, c in seen.items() if c > 1]
+    assert not missing and not twice, f"optimiser groups: missing {missing}, twice {twice}"

@@ -1,0 +1,348 @@
+"""Training and evaluation of the Engram LM: one readable loop, exact resume, honest metrics.
+
+`train(config)` builds (or loads) the tokenizer, the token shards, the hash spec and the model,
+then runs warm-up + decay, gradient clipping, periodic validation on the same tokens for every
+model, JSONL metrics, a progress bar (loss, tokens/s, ETA) and atomic checkpoints. With
+`resume=True` it continues from the run's latest checkpoint exactly where it stopped: same
+weights, optimiser moments, balancing biases, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from engram.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    set_rng_state,
+)
+from engram.config_io import to_dict
+from engram.data import PackedLoader, build_shard, documents, eval_batches
+from engram.hashing import NgramHasher
+from engram.model import EngramLM, ModelConfig, model_preset
+from engram.optim import OptimConfig, Optimizers, lr_factor
+from engram.spec import HashSpec, resolve
+from engram.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from engram.vocab import cache_dir, compress
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tokenizer: str = "bpe:2048"  # "bpe:N" trains a byte-level BPE on the train split
+    data: str = "default"
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 100
+    eval_every: int = 50
+    eval_tokens: int = 32768  # validation tokens, the same for every model
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
+    device: str = "auto"
+    out_dir: str = "runs/train"
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("seq_len", "batch_size", "steps", "eval_every", "log_every", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision={self.precision!r} must be auto, bf16 or fp32")
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        self.model.validate()
+        self.optim.validate()
+
+
+# ---- building blocks -----------------------------------------------------------------------------
+def get_tokenizer(name: str, data: str) -> Tokenizer:
+    """`bpe:N` trains (once, cached by data fingerprint) a byte-level BPE; else `load_tokenizer`."""
+    if not name.startswith("bpe:"):
+        return load_tokenizer(name)
+    from engram.data import source_fingerprint
+
+    try:
+        size = int(name[4:])
+    except ValueError:
+        raise ValueError(f"tokenizer {name!r}: expected bpe:VOCAB_SIZE, e.g. bpe:8192") from None
+    key = hashlib.sha256(f"{data}:{source_fingerprint(data)}:{size}".encode()).hexdigest()[:24]
+    path = cache_dir() / "tokenizers" / f"bpe-{key}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    tok = train_bpe(documents(data, "train"), vocab_size=size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tok.save(tmp)
+    tmp.replace(path)
+    return load_tokenizer(path)
+
+
+def build_model(
+    config: ModelConfig, tok: Tokenizer, tokenizer_path: str
+) -> tuple[EngramLM, HashSpec | None]:
+    """The model for `tok`, with its spec resolved against it (spec.tokenizer = tokenizer_path)."""
+    config = config.with_(vocab_size=tok.vocab_size)
+    if config.engram is None:
+        return EngramLM(config), None
+    spec_cfg = replace(config.engram.spec, tokenizer=tokenizer_path)
+    if spec_cfg.pad_id is None or spec_cfg.pad_id >= tok.vocab_size:
+        spec_cfg = replace(spec_cfg, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id)
+    config = config.with_(engram=replace(config.engram, spec=spec_cfg))
+    vocab = compress(tok, enabled=spec_cfg.compress)
+    spec = resolve(spec_cfg, tokenizer=tok, vocab=vocab)
+    return EngramLM(config, spec, NgramHasher(spec, vocab)), spec
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def to_device(batch, device: torch.device):
+    rows = (
+        {k: v.to(device, non_blocking=True) for k, v in batch.rows.items()}
+        if batch.rows is not None
+        else None
+    )
+    return batch.ids.to(device), batch.targets.to(device), rows
+
+
+@torch.no_grad()
+def evaluate(
+    model: EngramLM, tokens, config: TrainConfig, device: torch.device, engram_off: bool = False
+) -> float:
+    """Mean cross-entropy (nats/token) over the first `eval_tokens` validation tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(
+        tokens, config.seq_len, config.batch_size, model.hasher, max_tokens=config.eval_tokens
+    ):
+        ids, targets, rows = to_device(batch, device)
+        with autocast_for(device, config.precision):
+            logits = model(ids, rows=rows, engram_off=engram_off)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="sum"
+        )
+        total += float(loss)
+        count += targets.numel()
+    model.train(was_training)
+    return total / count
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+class Run:
+    """Everything one training run holds; `train()` drives it."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+        config.validate()
+        self.config, self.dir = config, Path(config.out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)
+        tok = get_tokenizer(config.tokenizer, config.data)
+        tok.save(self.dir / "tokenizer.json")
+        self.tokenizer = tok
+        # The spec names the run's own tokenizer file relative to the run folder, so a run can
+        # be moved or copied and still resume (its fingerprint is what identifies it).
+        self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
+        self.model.to(self.device)
+        self.optim = Optimizers(self.model, config.optim)
+        self.train_tokens = build_shard(config.data, "train", tok).tokens
+        self.val_tokens = build_shard(config.data, "val", tok).tokens
+        if len(self.val_tokens) < config.seq_len + 1:  # fail now, not at the first evaluation
+            raise ValueError(
+                f"the validation split of {config.data!r} has "
+                f"{len(self.val_tokens)} tokens, fewer than one window of "
+                f"seq_len+1={config.seq_len + 1}"
+            )
+        self.loader = PackedLoader(
+            self.train_tokens,
+            config.seq_len,
+            config.batch_size,
+            self.model.hasher,
+            seed=config.seed,
+        )
+        self.step, self.tokens_seen, self.curve = 0, 0, []
+        if resume:
+            self._resume()
+        self._write_run_files()
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        return to_dict(replace(self.config, model=self.model.config))
+
+    def _write_run_files(self) -> None:
+        (self.dir / "config.json").write_text(json.dumps(self.resolved, indent=2))
+        if self.spec is not None:
+            (self.dir / "spec.json").write_text(self.spec.to_json(indent=2))
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "config": self.resolved,
+            "spec": self.spec.to_dict() if self.spec else None,
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "loader": self.loader.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "curve": self.curve,
+        }
+
+    def _resume(self) -> None:
+        try:
+            find_checkpoint(self.dir)
+        except ValueError:
+            return  # nothing to resume: a fresh run
+        manifest = read_manifest(self.dir)  # check compatibility before touching any weights
+        if manifest["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
+            raise ValueError("the checkpoint was trained with another tokenizer")
+        if self.spec is not None and manifest["spec"] != self.spec.to_dict():
+            raise ValueError("the checkpoint's hash spec differs from this run's")
+        if manifest["config"]["model"] != to_dict(self.model.config):
+            raise ValueError("the checkpoint's model config differs from this run's")
+        opts = dict(zip(["backbone", "tables"], self.optim.all(), strict=False))
+        load_checkpoint(manifest["path"], self.model, opts)
+        self.loader.load_state_dict(manifest["loader"])
+        set_rng_state(manifest["rng"])
+        self.step, self.tokens_seen = manifest["step"], manifest["tokens_seen"]
+        self.curve = [tuple(p) for p in manifest["curve"]]
+
+    def save(self) -> Path:
+        opts = dict(zip(["backbone", "tables"], self.optim.all(), strict=False))
+        return save_checkpoint(
+            self.dir / "checkpoints", self.step, self.model, opts, self._manifest()
+        )
+
+    def train_step(self, batch) -> float:
+        ids, targets, rows = to_device(batch, self.device)
+        self.optim.set_lr(lr_factor(self.step, self.config.steps, self.config.optim))
+        with autocast_for(self.device, self.config.precision):
+            _, loss = self.model(ids, rows=rows, targets=targets)
+        loss.backward()
+        self.optim.step()
+        self.model.update_route_biases()
+        self.step += 1
+        self.tokens_seen += ids.numel()
+        return float(loss.detach())
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate_now(self) -> float:
+        val = evaluate(self.model, self.val_tokens, self.config, self.device)
+        self.curve.append((self.tokens_seen, val))
+        self.log(
+            {
+                "step": self.step,
+                "tokens": self.tokens_seen,
+                "val_loss": val,
+                "val_ppl": math.exp(val),
+            }
+        )
+        return val
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train to `config.steps`; returns a summary (tokens, val loss, tokens/s, curve)."""
+    run = Run(config, resume=resume)
+    c = config
+    bar = tqdm(
+        total=c.steps,
+        initial=run.step,
+        disable=not c.progress,
+        file=sys.stderr,
+        desc=Path(c.out_dir).name,
+        dynamic_ncols=True,
+    )
+    start, start_tokens, losses = time.perf_counter(), run.tokens_seen, []
+    it = iter(run.loader)
+    try:
+        while run.step < c.steps:
+            losses.append(run.train_step(next(it)))
+            tps = (run.tokens_seen - start_tokens) / max(1e-9, time.perf_counter() - start)
+            if run.step % c.log_every == 0 or run.step == c.steps:
+                loss = sum(losses) / len(losses)
+                run.log(
+                    {
+                        "step": run.step,
+                        "tokens": run.tokens_seen,
+                        "loss": loss,
+                        "lr": run.optim.backbone.param_groups[0]["lr"],
+                        "tokens_per_s": tps,
+                    }
+                )
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                losses = []
+            if run.step % c.eval_every == 0 and run.step < c.steps:
+                bar.set_postfix(val=f"{run.validate_now():.3f}", tok_s=f"{tps:,.0f}")
+            if c.ckpt_every and run.step % c.ckpt_every == 0 and run.step < c.steps:
+                run.save()
+            bar.update(1)
+    finally:
+        bar.close()
+        run.loader.close()
+    elapsed = time.perf_counter() - start
+    val = (
+        run.validate_now()
+        if not run.curve or run.curve[-1][0] != run.tokens_seen
+        else run.curve[-1][1]
+    )
+    run.save()
+    tokens = run.tokens_seen - start_tokens
+    return {
+        "out_dir": str(run.dir),
+        "steps": run.step,
+        "tokens": run.tokens_seen,
+        "val_loss": val,
+        "val_ppl": math.exp(val),
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        "curve": [list(p) for p in run.curve],
+    }
+
+
+def load_trained(
+    path: str | Path, device: str = "auto"
+) -> tuple[EngramLM, Tokenizer, TrainConfig, dict[str, Any]]:
+    """A trained model from a run folder or checkpoint, checked against its manifest."""
+    from engram.config_io import from_dict
+
+    manifest = read_manifest(path)
+    ckpt = Path(manifest["path"])
+    tok_path = ckpt.parent.parent / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ValueError(f"no tokenizer.json in the run folder {ckpt.parent.parent}")
+    tok = load_tokenizer(tok_path)
+    if tok.fingerprint != manifest["tokenizer_fingerprint"]:
+        raise ValueError(f"{tok_path} is not the tokenizer this checkpoint was trained with")
+    config = from_dict(TrainConfig, manifest["config"])
+    spec_tokenizer = (manifest["spec"] or {}).get("tokenizer", str(tok_path))
+    model, spec = build_model(config.model, tok, spec_tokenizer)
+    if spec is not None and spec.to_dict() != manifest["spec"]:
+        raise ValueError("the checkpoint's hash spec does not match what its config derives")
+    load_checkpoint(ckpt, model)
+    model.to(pick_device(device)).eval()
+    return model, tok, config, manifest

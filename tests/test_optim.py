@@ -1,0 +1,79 @@
+"""Optimiser groups, the sparse table update, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engram.hashing import NgramHasher
+from engram.model import EngramLM, model_preset
+from engram.optim import OptimConfig, Optimizers, check_groups, lr_factor
+from engram.spec import resolve
+from engram.tokenizer import train_bpe
+from engram.vocab import compress
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    tok = train_bpe(["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 40, vocab_size=300)
+    cfg = model_preset("tiny").with_(vocab_size=tok.vocab_size)
+    vocab = compress(tok, use_cache=False)
+    spec = resolve(cfg.engram.spec, tokenizer=tok, vocab=vocab, pad_id=tok.pad_id)
+    torch.manual_seed(0)
+    return EngramLM(cfg, spec, NgramHasher(spec, vocab)), tok
+
+
+def test_every_parameter_in_exactly_one_group(model_and_tok):
+    model, _ = model_and_tok
+    opts = Optimizers(model, OptimConfig())
+    check_groups(model, opts.all())
+    table = model.engram_layers[0].table.weight
+    assert opts.tables.param_groups[0]["params"] == [table]
+    assert opts.tables.param_groups[0]["lr"] == pytest.approx(5 * opts.config.lr)
+    no_decay = opts.backbone.param_groups[1]["params"]
+    assert all(p.ndim == 1 or p is model.embed.weight for p in no_decay)
+    with pytest.raises(AssertionError, match="missing"):
+        check_groups(model, [opts.backbone])
+
+
+def test_sparse_update_touches_only_read_rows(model_and_tok):
+    model, tok = model_and_tok
+    opts = Optimizers(model, OptimConfig(lr=1e-2))
+    table = model.engram_layers[0].table
+    before = table.weight.detach().clone()
+    ids = torch.randint(3, tok.vocab_size, (2, 12))
+    _, loss = model(ids, targets=ids)
+    loss.backward()
+    assert table.weight.grad.is_sparse
+    opts.step()
+    rows = model.hasher(ids)[model.engram_layers[0].layer_id] + model.engram_layers[0].offsets
+    touched = torch.zeros(table.num_embeddings, dtype=torch.bool)
+    touched[rows.flatten()] = True
+    changed = (table.weight.detach() != before).any(-1)
+    assert torch.equal(changed, touched)
+    state = opts.tables.state[table.weight]
+    assert (state["exp_avg"][~touched] == 0).all()  # untouched rows keep no optimiser state
+
+
+def test_schedules():
+    cos = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cos) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cos) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cos) == pytest.approx(0.1)
+    assert lr_factor(55, 100, cos) == pytest.approx(0.55)
+    step = OptimConfig(warmup_steps=0, schedule="step")
+    assert [lr_factor(s, 100, step) for s in (0, 79, 80, 90)] == [1.0, 1.0, 0.316, 0.1]
+    assert lr_factor(50, 100, OptimConfig(warmup_steps=0, schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": 0}, "lr=0"),
+        ({"schedule": "linear"}, "schedule='linear'"),
+        ({"grad_clip": -1}, "must be >= 0"),
+    ],
+)
+def test_bad_optim_config(change, message):
+    with pytest.raises(ValueError, match=message):
+        OptimConfig(**change).validate()

@@ -1,0 +1,146 @@
+"""Training end to end on a small corpus: artefacts, learning, exact resume, checkpoint errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engram.checkpoint import find_checkpoint
+from engram.cli import main, train_config
+from engram.data import stdlib_files
+from engram.train import TrainConfig, load_trained, train
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, path in enumerate(stdlib_files(max_files=80)):
+        shutil.copy(path, folder / f"{i:03d}-{path.name}")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def config(corpus, out, **changes) -> TrainConfig:
+    base = train_config(
+        None,
+        [
+            f"data={corpus}",
+            f"out_dir={out}",
+            "tokenizer=bpe:400",
+            "seq_len=32",
+            "batch_size=4",
+            "steps=8",
+            "eval_every=4",
+            "eval_tokens=2048",
+            "progress=false",
+            "optim.warmup_steps=2",
+        ],
+    )
+
+    return replace(base, **changes)
+
+
+def test_train_writes_run_artefacts_and_learns(corpus, tmp_path):
+    summary = train(config(corpus, tmp_path / "run", steps=30, eval_every=10))
+    run = tmp_path / "run"
+    for name in ("config.json", "spec.json", "tokenizer.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 3 and all(math.isfinite(v) for v in vals)
+    assert vals[-1] < vals[0] < math.log(400) + 0.5  # it learns something in 30 steps
+    assert summary["tokens"] == 30 * 4 * 32
+    assert summary["curve"][-1] == [summary["tokens"], summary["val_loss"]]
+    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] <= 400
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(find_checkpoint(run) / "model.safetensors"))
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    straight = config(corpus, tmp_path / "a", ckpt_every=4)
+    train(straight)
+    # Rebuild the state of a run that stopped at step 4: drop its step-8 checkpoint.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000008")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000004\n")
+    resumed = train(config(corpus, tmp_path / "b", ckpt_every=4), resume=True)
+    assert resumed["steps"] == 8
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+def test_resume_refuses_another_model(corpus, tmp_path):
+    train(config(corpus, tmp_path / "run", steps=2))
+    other = config(corpus, tmp_path / "run", steps=4)
+    other = replace(other, model=other.model.with_(n_layers=4))
+    with pytest.raises(ValueError, match="model config differs"):
+        train(other, resume=True)
+
+
+def test_load_trained_and_eval_cli(corpus, tmp_path, capsys):
+    train(config(corpus, tmp_path / "run", steps=2))
+    model, tok, cfg, manifest = load_trained(tmp_path / "run")
+    assert manifest["step"] == 2 and not model.training
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "eval_tokens=1024"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert math.isfinite(report["val_loss"]) and "val_loss_engram_off" in report
+
+
+def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
+    train(config(corpus, tmp_path / "run", steps=2))
+    ckpt = find_checkpoint(tmp_path / "run")
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    assert main(["eval", "--ckpt", str(tmp_path / "run")]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    (ckpt / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="unreadable manifest"):
+        load_trained(tmp_path / "run")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        load_trained(tmp_path / "nowhere")
+
+
+def test_every_shipped_recipe_parses():
+    recipes = sorted((ROOT / "recipes").glob("*.toml"))
+    assert recipes, "no recipes shipped"
+    for recipe in recipes:
+        cfg = train_config(str(recipe), [])
+        cfg.validate()
+
+
+def test_cli_train_overrides_and_errors(corpus, tmp_path, capsys):
+    argv = [
+        "train",
+        f"data={corpus}",
+        f"out_dir={tmp_path / 'run'}",
+        "tokenizer=bpe:400",
+        "seq_len=32",
+        "batch_size=4",
+        "steps=2",
+        "eval_every=2",
+        "eval_tokens=1024",
+        "progress=false",
+        "preset=tiny",
+        "model.moe=none",
+    ]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["moe"] is None and saved["steps"] == 2
+    assert main(["train", "steps=lots"]) == 2
+    assert "steps='lots' is not a valid int" in capsys.readouterr().err
