@@ -23,6 +23,8 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/hashing.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/lookup_scaling.py
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -6,7 +6,7 @@ from dataclasses import asdict, fields, replace
 
 import pytest
 
-from engram.model import EngramLM, MoEConfig, model_preset
+from engram.model import EngramLM, EngramOptions, ModelConfig, MoEConfig, model_preset
 from engram.model.accounting import (
     ParamCounts,
     count_params,
@@ -15,12 +15,33 @@ from engram.model.accounting import (
     plan_allocation,
     plan_from_moe,
 )
-from engram.spec import derive_primes, resolve
+from engram.spec import SpecConfig, derive_primes, resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
 
 TINY = model_preset("tiny")
-DEMO = model_preset("demo").with_(vocab_size=8192)
+# A fixed backbone (not a preset, so that retuning presets never moves these numbers): 6 blocks
+# of width 256, the first dense, then 16 routed experts (top-2) and one shared expert.
+DEMO = ModelConfig(
+    vocab_size=8192,
+    d_model=256,
+    n_layers=6,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_hidden=768,
+    moe=MoEConfig(num_routed=16, top_k=2, expert_hidden=192),
+    max_seq_len=512,
+    engram=EngramOptions(
+        spec=SpecConfig(
+            tokenizer="deepseek",
+            layer_ids=(1,),
+            orders=(2, 3),
+            heads_per_order=4,
+            base_sizes=(30011, 30011),
+            row_dim=32,
+        )
+    ),
+)
 MOE_BASELINE = DEMO.with_(engram=None)
 
 

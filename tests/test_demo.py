@@ -1,19 +1,68 @@
-"""`engram demo` runs end to end (a short version of what `make demo` runs)."""
+"""`engram demo --quick`: three arms, the same tokens, a report with the promised fields."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import replace
 
-from engram.demo import run_demo
+import pytest
+
+from engram.cli import main
+from engram.data import stdlib_files
+from engram.experiments.demo import QUICK, demo_arms
+from engram.model import model_preset
+from engram.model.accounting import count_params_from_config
 
 
-def test_demo_runs_and_writes_a_summary(tmp_path):
-    summary = run_demo(steps=8, out_dir=tmp_path, files=6)
-    saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["compression"]["compressed_vocab_size"] == 99_092
-    arms = {a["name"]: a for a in saved["experiment"]["arms"]}
-    assert set(arms) == {"bigram", "bigram+engram"}
-    assert all(math.isfinite(a["val_loss"]) for a in arms.values())
-    assert arms["bigram+engram"]["params"] > arms["bigram"]["params"]
-    assert summary["experiment"]["steps"] == 8
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, path in enumerate(stdlib_files(max_files=60)):
+        shutil.copy(path, folder / f"{i:03d}-{path.name}")
+    return folder
+
+
+def test_arms_are_iso_parameter():
+    arms, plan = demo_arms(model_preset("demo"), 0.8)
+    counts = {name: count_params_from_config(cfg) for name, cfg in arms.items()}
+    tolerance = plan.expert_size  # the planner's promise: within one expert in every MoE layer
+    assert abs(counts["engram"].p_tot - counts["moe"].p_tot) <= tolerance
+    assert abs(counts["engram"].p_act - counts["moe"].p_act) <= tolerance
+    assert abs(counts["dense"].p_act - counts["moe"].p_act) <= tolerance
+    assert counts["engram"].engram_tables > 0 and 0.75 <= plan.rho <= 0.85
+
+
+def test_quick_demo_writes_the_report(corpus, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--data", str(corpus), "--out", str(out), "--steps", "6"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["arms"]) == {"moe", "engram", "dense"}
+    for arm in report["arms"].values():
+        for key in (
+            "p_tot",
+            "p_act",
+            "table_params",
+            "tokens",
+            "val_loss",
+            "val_ppl",
+            "tokens_per_s",
+            "curve",
+        ):
+            assert key in arm
+        assert math.isfinite(arm["val_loss"]) and arm["tokens"] == 6 * QUICK.batch_size * 128
+        assert arm["curve"][-1][0] == arm["tokens"]
+    assert report["arms"]["engram"]["table_params"] > 0
+    assert (out / "val_loss.png").stat().st_size > 1000
+    text = (out / "report.md").read_text()
+    assert "Accounting" in text and "engram" in text
+    assert "val loss" in capsys.readouterr().out
+
+
+def test_quick_config_is_small():
+    assert QUICK.steps * QUICK.batch_size * QUICK.seq_len <= 50_000
+    assert replace(QUICK, seeds=(0, 1)).seeds == (0, 1)

@@ -1,14 +1,24 @@
-"""The core (hashing, module, spec, vocab) imports nothing from training, storage or the CLI."""
+"""The core (hashing, module, spec, vocab, model) imports nothing from training, storage, data,
+experiments or the CLI."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-CORE = ["engram.spec", "engram.vocab", "engram.hashing", "engram.module", "engram.tokenizer"]
+CORE = [
+    "engram.spec",
+    "engram.vocab",
+    "engram.hashing",
+    "engram.module",
+    "engram.tokenizer",
+    "engram.model",
+]
 FORBIDDEN = [
     "engram.cli",
-    "engram.demo",
+    "engram.optim",
+    "engram.checkpoint",
+    "engram.config_io",
     "engram.train",
     "engram.tables",
     "engram.data",

@@ -111,9 +111,16 @@ def cmd_hash(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from engram.demo import run_demo
+    from dataclasses import replace
 
-    run_demo(steps=args.steps, out_dir=args.out)
+    from engram.experiments.demo import QUICK, DemoConfig, run_demo
+
+    demo = QUICK if args.quick else DemoConfig()
+    changes = {"seeds": tuple(int(s) for s in args.seeds.split(","))} if args.seeds else {}
+    for key in ("steps", "data", "out"):
+        if getattr(args, key) is not None:
+            changes["out_dir" if key == "out" else key] = getattr(args, key)
+    run_demo(replace(demo, **changes))
 
 
 def train_config(recipe: str | None, overrides: Sequence[str]):
@@ -249,9 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. vocab_size=8192")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("demo", help="a two-minute tour of the core with a small experiment")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--out", default="runs/demo-core")
+    p = sub.add_parser("demo", help="MoE vs iso-parameter Engram vs dense, trained side by side")
+    p.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
+    p.add_argument("--steps", type=int, help="training steps per arm")
+    p.add_argument("--data", help="text source (default: the stdlib corpus)")
+    p.add_argument("--out", help="report folder (default runs/demo or runs/demo-quick)")
     p.set_defaults(func=cmd_demo)
     return parser
 

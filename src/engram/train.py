@@ -277,6 +277,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         file=sys.stderr,
         desc=Path(c.out_dir).name,
         dynamic_ncols=True,
+        mininterval=2.0,  # keeps logs of non-interactive runs short
     )
     start, start_tokens, losses = time.perf_counter(), run.tokens_seen, []
     it = iter(run.loader)

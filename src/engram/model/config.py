@@ -134,16 +134,19 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=256,
         engram=EngramOptions(spec=_tiny_spec()),
     ),
-    # The CPU demo: about 5M parameters outside the embeddings, trains at a few thousand tokens/s
-    # on 2 cores; Engram at block 1 (the paper's best single layer, 0-based), orders 2-3.
+    # The CPU demo's MoE baseline (`engram demo` derives the Engram arm from it with the
+    # iso-parameter planner at rho = 0.8): 4 blocks of width 128, the first dense, then
+    # DeepSeekMoE with 64 fine-grained routed experts (top-2) and 1 shared expert. About 0.8M
+    # parameters are active per token and 10M in total outside the embeddings, so the sparse
+    # budget is large enough for a real table. Sized for ~4k tokens/s on a 2-core CPU.
     "demo": ModelConfig(
-        vocab_size=8192,
-        d_model=256,
-        n_layers=6,
+        vocab_size=4096,
+        d_model=128,
+        n_layers=4,
         n_heads=4,
         n_kv_heads=2,
-        ffn_hidden=768,
-        moe=MoEConfig(num_routed=16, top_k=2, expert_hidden=192),
+        ffn_hidden=384,
+        moe=MoEConfig(num_routed=64, top_k=2, expert_hidden=128),
         hc_branches=1,
         max_seq_len=512,
         engram=EngramOptions(
@@ -152,22 +155,23 @@ PRESETS: dict[str, ModelConfig] = {
                 layer_ids=(1,),
                 orders=(2, 3),
                 heads_per_order=4,
-                base_sizes=(30011, 30011),
-                row_dim=32,
+                base_sizes=(14759, 14759),
+                row_dim=16,
             )
         ),
     ),
     # The paper's ablation backbone (section 5): 12 layers, 3B total / 0.56B active, Engram at
-    # layers 2 and 6 (0-based 1 and 5) with mHC M = 4. Width and expert counts are our reading of
-    # a DeepSeekMoE-style 3B model, for GPUs.
+    # layers 2 and 6 (0-based 1 and 5) with mHC M = 4 and a 1.6B table. Widths and expert counts
+    # are our reading of a DeepSeekMoE-style model of that size (the paper does not list them):
+    # 3.0B total and 0.51B active parameters outside the embeddings, for GPUs.
     "paper-3b-ablation": ModelConfig(
         vocab_size=129280,
-        d_model=1536,
+        d_model=2048,
         n_layers=12,
-        n_heads=12,
+        n_heads=16,
         n_kv_heads=4,
-        ffn_hidden=4096,
-        moe=MoEConfig(num_routed=64, top_k=6, expert_hidden=512, num_shared=2),
+        ffn_hidden=5120,
+        moe=MoEConfig(num_routed=64, top_k=6, expert_hidden=640, num_shared=2),
         hc_branches=4,
         max_seq_len=4096,
         engram=EngramOptions(

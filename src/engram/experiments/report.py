@@ -1,0 +1,86 @@
+"""Shared pieces of experiment reports: machine records, JSON/markdown writing, loss plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a result was measured: enough to tell two machines (and commits) apart."""
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def plot_curves(
+    curves: dict[str, list[list[float]]],
+    path: Path,
+    title: str,
+    xlabel: str = "training tokens",
+    ylabel: str = "validation loss (nats/token)",
+    bands: dict[str, list[list[float]]] | None = None,
+) -> Path | None:
+    """One line per arm ([x, y] points), optional min/max band per arm; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "matplotlib is not installed: skipping the plot (pip install engram-lm[plot])",
+            file=sys.stderr,
+        )
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, points in curves.items():
+        xs, ys = zip(*points, strict=True) if points else ((), ())
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        if bands and name in bands and bands[name]:
+            bx, lo, hi = zip(*bands[name], strict=True)
+            ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
