@@ -61,6 +61,8 @@ def test_train_writes_run_artefacts_and_learns(corpus, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(vals) == 3 and all(math.isfinite(v) for v in vals)
+    train_records = [r for r in records if "loss" in r]
+    assert all(r["moe_max_load"] >= 1.0 and r["grad_norm"] > 0 for r in train_records)
     assert vals[-1] < vals[0] < math.log(400) + 0.5  # it learns something in 30 steps
     assert summary["tokens"] == 30 * 4 * 32
     assert summary["curve"][-1] == [summary["tokens"], summary["val_loss"]]

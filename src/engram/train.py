@@ -154,6 +154,15 @@ def evaluate(
     return total / count
 
 
+def _tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer when `tensorboard` is installed (an optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 class Run:
     """Everything one training run holds; `train()` drives it."""
@@ -188,6 +197,8 @@ class Run:
             seed=config.seed,
         )
         self.step, self.tokens_seen, self.curve = 0, 0, []
+        self.grad_norm, self.routing = 0.0, {}
+        self.tensorboard = _tensorboard_writer(self.dir)
         if resume:
             self._resume()
         self._write_run_files()
@@ -242,8 +253,8 @@ class Run:
         with autocast_for(self.device, self.config.precision):
             _, loss = self.model(ids, rows=rows, targets=targets)
         loss.backward()
-        self.optim.step()
-        self.model.update_route_biases()
+        self.grad_norm = self.optim.step()
+        self.routing = self.model.update_route_biases()  # worst layer's max/min expert load
         self.step += 1
         self.tokens_seen += ids.numel()
         return float(loss.detach())
@@ -251,6 +262,10 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def validate_now(self) -> float:
         val = evaluate(self.model, self.val_tokens, self.config, self.device)
@@ -293,7 +308,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                         "tokens": run.tokens_seen,
                         "loss": loss,
                         "lr": run.optim.backbone.param_groups[0]["lr"],
+                        "grad_norm": run.grad_norm,
                         "tokens_per_s": tps,
+                        **{f"moe_{k}": v for k, v in run.routing.items()},
                     }
                 )
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
