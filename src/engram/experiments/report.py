@@ -13,6 +13,17 @@ from typing import Any
 import torch
 
 
+def _processor() -> str:
+    """The CPU model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """Where a result was measured: enough to tell two machines (and commits) apart."""
     try:
@@ -26,7 +37,7 @@ def machine_info() -> dict[str, Any]:
         commit = "unknown"
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or "unknown",
+        "processor": _processor(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
