@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.experiments.report import cpu_name
 from engram.hashing import NgramHasher
 from engram.spec import HashSpec, resolve
 from engram.tokenizer import load_tokenizer
@@ -163,17 +164,6 @@ def git_commit() -> tuple[str, bool | None]:
         return "unknown", None
 
 
-def processor() -> str:
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
-
-
 def cpu_seconds() -> tuple[float, float, float] | None:
     """(busy CPU seconds of the whole machine, all CPU seconds, this process's CPU seconds)."""
     try:
@@ -257,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "hashing",
         "machine": {
             "platform": platform.platform(),
-            "processor": processor(),
+            "processor": cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": threads,
             "load_average_start": load_start,
@@ -299,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         f"in -> per-layer rows out; median of {args.repeats} repeats x {args.calls} calls"
     )
     print(
-        f"{processor()}, {os.cpu_count()} CPUs, torch {torch.__version__}, numpy "
+        f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, numpy "
         f"{np.__version__}, load average {load_start} -> {load_end}, other processes took "
         f"{'?' if other_share is None else f'{other_share:.0%}'} of the CPU meanwhile"
     )

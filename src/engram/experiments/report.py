@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 
-def _processor() -> str:
+def cpu_name() -> str:
     """The CPU model name (platform.processor() is empty on most Linux systems)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -37,7 +37,7 @@ def machine_info() -> dict[str, Any]:
         commit = "unknown"
     return {
         "platform": platform.platform(),
-        "processor": _processor(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
