@@ -28,12 +28,30 @@ def test_every_parameter_in_exactly_one_group(model_and_tok):
     opts = Optimizers(model, OptimConfig())
     check_groups(model, opts.all())
     table = model.engram_layers[0].table.weight
-    assert opts.tables.param_groups[0]["params"] == [table]
-    assert opts.tables.param_groups[0]["lr"] == pytest.approx(5 * opts.config.lr)
-    no_decay = opts.backbone.param_groups[1]["params"]
+    assert opts.named["tables"].param_groups[0]["params"] == [table]
+    assert opts.named["tables"].param_groups[0]["lr"] == pytest.approx(5 * opts.config.lr)
+    no_decay = opts.named["adamw"].param_groups[1]["params"]
     assert all(p.ndim == 1 or p is model.embed.weight for p in no_decay)
     with pytest.raises(AssertionError, match="missing"):
-        check_groups(model, [opts.backbone])
+        check_groups(model, [opts.named["adamw"]])
+
+
+def test_muon_takes_the_hidden_matrices(model_and_tok):
+    model, tok = model_and_tok
+    opts = Optimizers(model, OptimConfig(backbone="muon"))
+    check_groups(model, opts.all())
+    muon = opts.named["muon"].param_groups[0]["params"]
+    assert muon and all(p.ndim == 2 for p in muon)
+    ids_in_muon = {id(p) for p in muon}
+    assert id(model.embed.weight) not in ids_in_muon and id(model.head.weight) not in ids_in_muon
+    opts.set_lr(0.5)
+    assert opts.named["muon"].param_groups[0]["lr"] == pytest.approx(0.5 * opts.config.lr)
+    ids = torch.randint(3, tok.vocab_size, (2, 12))
+    before = model.blocks[0].attn.q_proj.weight.detach().clone()
+    _, loss = model(ids, targets=ids)
+    loss.backward()
+    opts.step()
+    assert not torch.equal(before, model.blocks[0].attn.q_proj.weight)
 
 
 def test_sparse_update_touches_only_read_rows(model_and_tok):
@@ -51,7 +69,7 @@ def test_sparse_update_touches_only_read_rows(model_and_tok):
     touched[rows.flatten()] = True
     changed = (table.weight.detach() != before).any(-1)
     assert torch.equal(changed, touched)
-    state = opts.tables.state[table.weight]
+    state = opts.named["tables"].state[table.weight]
     assert (state["exp_avg"][~touched] == 0).all()  # untouched rows keep no optimiser state
 
 

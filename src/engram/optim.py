@@ -2,7 +2,7 @@
 
 Two explicit groups, as the paper trains them (section 4):
 - the backbone with AdamW (weight decay on matrices only, never on norms, biases or embeddings of
-  one dimension);
+  one dimension), or Muon for its hidden matrices as the paper's backbone (`backbone="muon"`);
 - the Engram tables with Adam at `table_lr_multiplier` (5x) the base rate and no weight decay,
   updated *sparsely*: the tables produce sparse gradients and `torch.optim.SparseAdam` touches only
   the rows a batch read, together with their moment estimates (lazy Adam).
@@ -31,12 +31,15 @@ class OptimConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # on the backbone's gradient norm; 0 disables
     sparse_tables: bool = True  # False: dense Adam over the whole table (for comparisons)
+    backbone: str = "adamw"  # or "muon": Muon for hidden matrices, AdamW for the rest
 
     def validate(self) -> None:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(
                 f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]"
             )
+        if self.backbone not in ("adamw", "muon"):
+            raise ValueError(f"backbone={self.backbone!r} must be adamw or muon")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule={self.schedule!r} must be cosine, step or constant")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -57,50 +60,70 @@ def lr_factor(step: int, total: int, config: OptimConfig) -> float:
 
 
 class Optimizers:
-    """The backbone AdamW and the table Adam, stepped together with one schedule."""
+    """The backbone's optimiser(s) and the table Adam, stepped together with one schedule.
+
+    `named` maps a stable name to each optimiser ("adamw", optionally "muon", "tables"); the
+    names key the checkpointed states. With `backbone="muon"`, Muon (torch.optim.Muon, with the
+    update scaled to AdamW's RMS so one learning rate serves both) takes the hidden weight
+    matrices; AdamW keeps the embeddings, the LM head and every vector.
+    """
 
     def __init__(self, model: EngramLM, config: OptimConfig) -> None:
         config.validate()
         self.config = config
         tables = [e.table.weight for e in model.engram_layers]
         table_ids = {id(p) for p in tables}
-        decay, no_decay = [], []
+        muon, decay, no_decay = [], [], []
         for name, p in model.named_parameters():
             if not p.requires_grad or id(p) in table_ids:
                 continue
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-        self.backbone = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-        )
-        self.backbone_params = decay + no_decay
-        mult = model.config.engram.table_lr_multiplier if model.config.engram else 1.0
-        self.table_lr_multiplier = mult
-        self.tables = None
+            hidden_matrix = p.ndim == 2 and not name.startswith(("embed", "head"))
+            if config.backbone == "muon" and hidden_matrix:
+                muon.append(p)
+            else:
+                (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        betas = (config.beta1, config.beta2)
+        self.named: dict[str, torch.optim.Optimizer] = {
+            "adamw": torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": config.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
+                lr=config.lr,
+                betas=betas,
+            )
+        }
+        if muon:
+            self.named["muon"] = torch.optim.Muon(
+                muon, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
+            )
+        self.backbone_params = muon + decay + no_decay
+        self.lr_multipliers = dict.fromkeys(self.named, 1.0)
         if tables:
             for engram in model.engram_layers:
                 # A training concern applied from outside: the module itself stays dense-agnostic.
                 engram.table.sparse = config.sparse_tables
             cls = torch.optim.SparseAdam if config.sparse_tables else torch.optim.Adam
-            self.tables = cls(tables, lr=config.lr * mult, betas=(config.beta1, config.beta2))
+            mult = model.config.engram.table_lr_multiplier
+            self.named["tables"] = cls(tables, lr=config.lr * mult, betas=betas)
+            self.lr_multipliers["tables"] = mult
         check_groups(model, self.all())
 
     def all(self) -> list[torch.optim.Optimizer]:
-        return [self.backbone] + ([self.tables] if self.tables is not None else [])
+        return list(self.named.values())
+
+    @property
+    def lr(self) -> float:
+        """The backbone's current learning rate."""
+        return self.named["adamw"].param_groups[0]["lr"]
 
     def set_lr(self, factor: float) -> None:
-        for group in self.backbone.param_groups:
-            group["lr"] = self.config.lr * factor
-        if self.tables is not None:
-            for group in self.tables.param_groups:
-                group["lr"] = self.config.lr * self.table_lr_multiplier * factor
+        for name, opt in self.named.items():
+            for group in opt.param_groups:
+                group["lr"] = self.config.lr * self.lr_multipliers[name] * factor
 
     def step(self) -> float:
-        """Clip the backbone gradients, step both optimisers, clear the gradients; returns norm."""
+        """Clip the backbone gradients, step every optimiser, clear the gradients; returns norm."""
         norm = 0.0
         if self.config.grad_clip > 0:
             norm = float(nn.utils.clip_grad_norm_(self.backbone_params, self.config.grad_clip))

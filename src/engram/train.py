@@ -234,8 +234,7 @@ class Run:
             raise ValueError("the checkpoint's hash spec differs from this run's")
         if manifest["config"]["model"] != to_dict(self.model.config):
             raise ValueError("the checkpoint's model config differs from this run's")
-        opts = dict(zip(["backbone", "tables"], self.optim.all(), strict=False))
-        load_checkpoint(manifest["path"], self.model, opts)
+        load_checkpoint(manifest["path"], self.model, self.optim.named)
         self.loader.load_state_dict(manifest["loader"])
         set_rng_state(manifest["rng"])
         self.step, self.tokens_seen = manifest["step"], manifest["tokens_seen"]
@@ -307,7 +306,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                         "step": run.step,
                         "tokens": run.tokens_seen,
                         "loss": loss,
-                        "lr": run.optim.backbone.param_groups[0]["lr"],
+                        "lr": run.optim.lr,
                         "grad_norm": run.grad_norm,
                         "tokens_per_s": tps,
                         **{f"moe_{k}": v for k, v in run.routing.items()},
