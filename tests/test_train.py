@@ -73,14 +73,16 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(find_checkpoint(run) / "model.safetensors"))
 
 
-def test_resume_continues_exactly(corpus, tmp_path):
+@pytest.mark.parametrize("backbone", ["adamw", "muon"])
+def test_resume_continues_exactly(corpus, tmp_path, backbone):
     straight = config(corpus, tmp_path / "a", ckpt_every=4)
+    straight = replace(straight, optim=replace(straight.optim, backbone=backbone))
     train(straight)
     # Rebuild the state of a run that stopped at step 4: drop its step-8 checkpoint.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000008")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000004\n")
-    resumed = train(config(corpus, tmp_path / "b", ckpt_every=4), resume=True)
+    resumed = train(replace(straight, out_dir=str(tmp_path / "b")), resume=True)
     assert resumed["steps"] == 8
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys()

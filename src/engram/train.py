@@ -241,9 +241,8 @@ class Run:
         self.curve = [tuple(p) for p in manifest["curve"]]
 
     def save(self) -> Path:
-        opts = dict(zip(["backbone", "tables"], self.optim.all(), strict=False))
         return save_checkpoint(
-            self.dir / "checkpoints", self.step, self.model, opts, self._manifest()
+            self.dir / "checkpoints", self.step, self.model, self.optim.named, self._manifest()
         )
 
     def train_step(self, batch) -> float:
