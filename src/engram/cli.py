@@ -199,6 +199,24 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(plan))
 
 
+def cmd_study_allocation(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from engram.experiments.allocation import QUICK, AllocationConfig, run_allocation
+
+    cfg = QUICK if args.quick else AllocationConfig()
+    changes: dict = {}
+    if args.rhos:
+        changes["rhos"] = tuple(float(r) for r in args.rhos.split(","))
+    if args.budgets:
+        changes["budgets"] = tuple(int(b) for b in args.budgets.split(","))
+    if args.data:
+        changes["data"] = args.data
+    if args.out:
+        changes["out_dir"] = args.out
+    run_allocation(replace(cfg, **changes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. vocab_size=8192")
     p.set_defaults(func=cmd_plan)
+
+    study = sub.add_parser("study", help="the paper's experiments, each writing a report")
+    studies = study.add_subparsers(dest="study", required=True)
+    p = studies.add_parser("allocation", help="loss against rho at fixed P_tot and P_act")
+    p.add_argument("--quick", action="store_true", help="3 rhos, 2 tiny budgets (a minute)")
+    p.add_argument("--rhos", help="comma-separated, e.g. 1.0,0.8,0.6")
+    p.add_argument("--budgets", help="comma-separated training steps, e.g. 150,300")
+    p.add_argument("--data", help="text source (default: the stdlib corpus)")
+    p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
+    p.set_defaults(func=cmd_study_allocation)
 
     p = sub.add_parser("demo", help="MoE vs iso-parameter Engram vs dense, trained side by side")
     p.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
