@@ -217,6 +217,14 @@ def cmd_study_allocation(args: argparse.Namespace) -> None:
     run_allocation(replace(cfg, **changes))
 
 
+def cmd_study_collisions(args: argparse.Namespace) -> None:
+    from engram.experiments.collisions import QUICK_TOKENS, run_collisions
+
+    max_tokens = args.max_tokens if args.max_tokens else (QUICK_TOKENS if args.quick else None)
+    out = args.out or ("runs/collisions-quick" if args.quick else "runs/collisions")
+    run_collisions(data=args.data, ckpt=args.ckpt, max_tokens=max_tokens, out_dir=out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
     p.set_defaults(func=cmd_study_allocation)
+    p = studies.add_parser("collisions", help="row sharing per head and order, loss by frequency")
+    p.add_argument("--quick", action="store_true", help="the first 65,536 validation tokens")
+    p.add_argument("--ckpt", help="a trained run: its spec, and losses with Engram on and off")
+    p.add_argument("--max-tokens", type=int, help="validation tokens to analyse")
+    p.add_argument("--data", help="text source (default: the checkpoint's, or the stdlib)")
+    p.add_argument("--out", help="report folder (default runs/collisions[-quick])")
+    p.set_defaults(func=cmd_study_collisions)
 
     p = sub.add_parser("demo", help="MoE vs iso-parameter Engram vs dense, trained side by side")
     p.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
