@@ -18,7 +18,6 @@ Axes: N stream positions, K shifts (max order), H heads of a layer (order-major)
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.data import build_shard, eval_batches
-from engram.experiments.report import machine_info, markdown_table, write_json
+from engram.experiments.report import machine_info, markdown_table, pyplot, write_json
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, model_preset
 from engram.spec import HashSpec, SpecConfig, resolve
@@ -533,16 +532,8 @@ distinct N-grams and a table of p rows). Measured / uniform collision share: {ra
 
 def _plot(report: dict, path: Path) -> Path | None:
     """Collision share per head vs the uniform expectation (and the gain per bucket)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed: skipping the plot (pip install engram-lm[plot])",
-            file=sys.stderr,
-        )
+    plt = pyplot()
+    if plt is None:
         return None
     panels = 2 if report["loss"] else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), dpi=120, squeeze=False)

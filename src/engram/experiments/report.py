@@ -53,15 +53,8 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def plot_curves(
-    curves: dict[str, list[list[float]]],
-    path: Path,
-    title: str,
-    xlabel: str = "training tokens",
-    ylabel: str = "validation loss (nats/token)",
-    bands: dict[str, list[list[float]]] | None = None,
-) -> Path | None:
-    """One line per arm ([x, y] points), optional min/max band per arm; None without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None (with a message) when missing."""
     try:
         import matplotlib
 
@@ -72,6 +65,21 @@ def plot_curves(
             "matplotlib is not installed: skipping the plot (pip install engram-lm[plot])",
             file=sys.stderr,
         )
+        return None
+    return plt
+
+
+def plot_curves(
+    curves: dict[str, list[list[float]]],
+    path: Path,
+    title: str,
+    xlabel: str = "training tokens",
+    ylabel: str = "validation loss (nats/token)",
+    bands: dict[str, list[list[float]]] | None = None,
+) -> Path | None:
+    """One line per arm ([x, y] points), optional min/max band per arm; None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in curves.items():
