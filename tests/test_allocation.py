@@ -34,7 +34,7 @@ def test_bad_sweep_config():
         AllocationConfig(budgets=()).validate()
 
 
-def test_quick_sweep_writes_a_report(tmp_path, monkeypatch):
+def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -53,6 +53,8 @@ def test_quick_sweep_writes_a_report(tmp_path, monkeypatch):
         "1.0,0.6",
         "--budgets",
         "3,4",
+        "--seeds",
+        "0,1",
     ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -61,6 +63,15 @@ def test_quick_sweep_writes_a_report(tmp_path, monkeypatch):
         assert [p["rho"] for p in points] == [1.0, 0.6]
         assert all(math.isfinite(p["val_loss"]) for p in points)
         assert points[0]["table_params"] == 0 < points[1]["table_params"]
+        for p in points:
+            assert p["seeds"] == [0, 1] and len(p["val_loss_per_seed"]) == 2
+            assert p["val_loss_per_seed"][0] != p["val_loss_per_seed"][1]  # seeds differ
+            assert math.isclose(p["val_loss"], sum(p["val_loss_per_seed"]) / 2)
     assert (out / "allocation.png").stat().st_size > 1000
     assert "Lowest loss at rho" in (out / "report.md").read_text()
+    # A rerun reads the finished points back instead of training them again.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 8
+    assert json.loads((out / "report.json").read_text())["sweeps"] == report["sweeps"]
     assert main(["study", "allocation", "--rhos", "x"]) == 2

@@ -210,6 +210,8 @@ def cmd_study_allocation(args: argparse.Namespace) -> None:
         changes["rhos"] = tuple(float(r) for r in args.rhos.split(","))
     if args.budgets:
         changes["budgets"] = tuple(int(b) for b in args.budgets.split(","))
+    if args.seeds:
+        changes["seeds"] = tuple(int(b) for b in args.seeds.split(","))
     if args.data:
         changes["data"] = args.data
     if args.out:
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="3 rhos, 2 tiny budgets (a minute)")
     p.add_argument("--rhos", help="comma-separated, e.g. 1.0,0.8,0.6")
     p.add_argument("--budgets", help="comma-separated training steps, e.g. 150,300")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
     p.set_defaults(func=cmd_study_allocation)

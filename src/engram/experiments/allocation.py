@@ -9,17 +9,16 @@ matched already at rho = 0.4. Each compute budget (training steps) is a separate
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engram.experiments.arms import ArmSettings, train_arms
 from engram.experiments.report import machine_info, markdown_table, plot_curves, write_json
 from engram.model import ModelConfig, model_preset
-from engram.model.accounting import count_params_from_config, plan_from_moe
-from engram.optim import OptimConfig
-from engram.train import TrainConfig, get_tokenizer, train
+from engram.model.accounting import plan_from_moe
+from engram.train import get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -32,15 +31,29 @@ class AllocationConfig:
     lr: float = 3e-3
     tokenizer: str = "bpe:4096"
     data: str = "default"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     preset: str = "demo"
     out_dir: str = "runs/allocation"
+    reuse: bool = True  # read back finished points with identical configs instead of retraining
 
     def validate(self) -> None:
         if not self.rhos or any(not 0.0 <= r <= 1.0 for r in self.rhos):
             raise ValueError(f"rhos={list(self.rhos)} must be non-empty and in [0, 1]")
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets={list(self.budgets)} must be non-empty and >= 1 step")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+    def settings(self, steps: int) -> ArmSettings:
+        return ArmSettings(
+            steps=steps,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            eval_tokens=self.eval_tokens,
+            lr=self.lr,
+            tokenizer=self.tokenizer,
+            data=self.data,
+        )
 
 
 QUICK = AllocationConfig(
@@ -59,24 +72,6 @@ def allocation_arms(base: ModelConfig, rhos: tuple[float, ...]) -> dict[float, A
     return {rho: plan_from_moe(moe, rho, engram=base.engram) for rho in rhos}
 
 
-def _train_point(cfg: AllocationConfig, model: ModelConfig, steps: int, out: Path) -> dict:
-    shutil.rmtree(out, ignore_errors=True)  # every point is a fresh, comparable run
-    config = TrainConfig(
-        model=model,
-        optim=OptimConfig(lr=cfg.lr, warmup_steps=steps // 10),
-        tokenizer=cfg.tokenizer,
-        data=cfg.data,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        steps=steps,
-        eval_every=steps,
-        eval_tokens=cfg.eval_tokens,
-        seed=cfg.seed,
-        out_dir=str(out),
-    )
-    return train(config)
-
-
 def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]:
     """Train every (budget, rho) point; write report.json, report.md and allocation.png."""
     cfg.validate()
@@ -87,29 +82,25 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     plans = allocation_arms(model_preset(cfg.preset), cfg.rhos)
     sweeps: dict[str, list[dict]] = {}
     for steps in cfg.budgets:
-        tokens = steps * cfg.batch_size * cfg.seq_len
-        points = []
-        for rho, plan in plans.items():
-            print(f"\n== budget {tokens:,} tokens, rho {rho} ==", flush=True)
-            summary = _train_point(cfg, plan.config, steps, out / f"steps-{steps}" / f"rho-{rho}")
-            counts = count_params_from_config(plan.config)
-            points.append(
-                {
-                    "rho": rho,
-                    "rho_achieved": plan.rho,
-                    "routed_experts": plan.num_routed,
-                    "table_params": counts.engram_tables,
-                    "p_tot": counts.p_tot,
-                    "p_act": counts.p_act,
-                    "tokens": tokens,
-                    "val_loss": summary["val_loss"],
-                    "tokens_per_s": summary["tokens_per_s"],
-                }
-            )
-        sweeps[f"{tokens:,} tokens"] = points
+        settings = cfg.settings(steps)
+        arms = {f"rho-{rho}": plan.config for rho, plan in plans.items()}
+        results = train_arms(settings, arms, cfg.seeds, out / f"steps-{steps}", cfg.reuse)
+        sweeps[f"{settings.tokens:,} tokens"] = [
+            {
+                "rho": rho,
+                "rho_achieved": plan.rho,
+                **{k: v for k, v in results[f"rho-{rho}"].items() if k not in ("curve", "band")},
+            }
+            for rho, plan in plans.items()
+        ]
     report = {
         "sweeps": sweeps,
-        "config": {**cfg.__dict__, "rhos": list(cfg.rhos), "budgets": list(cfg.budgets)},
+        "config": {
+            **cfg.__dict__,
+            "rhos": list(cfg.rhos),
+            "budgets": list(cfg.budgets),
+            "seeds": list(cfg.seeds),
+        },
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }
@@ -119,6 +110,15 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
         out / "allocation.png",
         "Validation loss against allocation ratio rho (fixed P_tot, P_act)",
         xlabel="rho (share of the sparse budget in routed experts)",
+        bands={
+            label: [
+                [p["rho_achieved"], min(p["val_loss_per_seed"]), max(p["val_loss_per_seed"])]
+                for p in pts
+            ]
+            for label, pts in sweeps.items()
+        }
+        if len(cfg.seeds) > 1
+        else None,
     )
     (out / "report.md").write_text(_markdown(report))
     print(_markdown(report))
@@ -128,8 +128,8 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
 def _markdown(report: dict) -> str:
     parts = [
         "# Sparsity allocation sweep (paper section 3.1)\n",
-        f"Preset `{report['config']['preset']}`, data `{report['config']['data']}`, seed "
-        f"{report['config']['seed']}; machine {report['machine']['processor']}, commit "
+        f"Preset `{report['config']['preset']}`, data `{report['config']['data']}`, seeds "
+        f"{report['config']['seeds']}; machine {report['machine']['processor']}, commit "
         f"{report['machine']['commit']}; {report['seconds']:.0f} s.\n",
     ]
     for label, points in report["sweeps"].items():
@@ -144,19 +144,40 @@ def _markdown(report: dict) -> str:
                 f"{p['p_tot']:,}",
                 f"{p['p_act']:,}",
                 f"{p['val_loss']:.4f}",
+                f"{p['val_loss_spread']:.4f}",
+                ", ".join(f"{v:.4f}" for v in p["val_loss_per_seed"]),
             ]
             for p in points
         ]
         parts.append(f"## Budget: {label}\n")
         parts.append(
             markdown_table(
-                ["rho", "achieved", "routed experts", "table params", "P_tot", "P_act", "val loss"],
+                [
+                    "rho",
+                    "achieved",
+                    "routed experts",
+                    "table params",
+                    "P_tot",
+                    "P_act",
+                    "val loss (mean)",
+                    "spread",
+                    "per seed",
+                ],
                 rows,
             )
         )
         line = f"\nLowest loss at rho = {best['rho']} ({best['val_loss']:.4f})"
         if moe is not None:
             line += f"; pure MoE (rho = 1.0): {moe['val_loss']:.4f}"
-        parts.append(line + ". One seed per point.\n")
+        seeds = len(report["config"]["seeds"])
+        noise = max(p["val_loss_spread"] for p in points)
+        parts.append(
+            line
+            + (
+                f". {seeds} seeds per point; the largest seed spread (max - min) is {noise:.4f}.\n"
+                if seeds > 1
+                else ". One seed per point: the seed noise is not measured here.\n"
+            )
+        )
     parts.append("![validation loss against rho](allocation.png)\n")
     return "\n".join(parts)
