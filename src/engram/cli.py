@@ -199,32 +199,23 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(plan))
 
 
-def cmd_study_allocation(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from engram.experiments.allocation import QUICK, AllocationConfig, run_allocation
-
-    cfg = QUICK if args.quick else AllocationConfig()
-    changes: dict = {}
-    if args.rhos:
-        changes["rhos"] = tuple(float(r) for r in args.rhos.split(","))
-    if args.budgets:
-        changes["budgets"] = tuple(int(b) for b in args.budgets.split(","))
-    if args.seeds:
-        changes["seeds"] = tuple(int(b) for b in args.seeds.split(","))
-    if args.data:
-        changes["data"] = args.data
-    if args.out:
-        changes["out_dir"] = args.out
-    run_allocation(replace(cfg, **changes))
+# Each study module defines HELP, add_arguments(parser) and run_cli(args); one line here adds one.
+STUDIES = (
+    "allocation",
+    "collisions",
+)
 
 
-def cmd_study_collisions(args: argparse.Namespace) -> None:
-    from engram.experiments.collisions import QUICK_TOKENS, run_collisions
+def _add_studies(sub) -> None:
+    import importlib
 
-    max_tokens = args.max_tokens if args.max_tokens else (QUICK_TOKENS if args.quick else None)
-    out = args.out or ("runs/collisions-quick" if args.quick else "runs/collisions")
-    run_collisions(data=args.data, ckpt=args.ckpt, max_tokens=max_tokens, out_dir=out)
+    study = sub.add_parser("study", help="the paper's experiments, each writing a report")
+    studies = study.add_subparsers(dest="study", required=True)
+    for name in STUDIES:
+        module = importlib.import_module(f"engram.experiments.{name.replace('-', '_')}")
+        p = studies.add_parser(name, help=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,23 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. vocab_size=8192")
     p.set_defaults(func=cmd_plan)
 
-    study = sub.add_parser("study", help="the paper's experiments, each writing a report")
-    studies = study.add_subparsers(dest="study", required=True)
-    p = studies.add_parser("allocation", help="loss against rho at fixed P_tot and P_act")
-    p.add_argument("--quick", action="store_true", help="3 rhos, 2 tiny budgets (a minute)")
-    p.add_argument("--rhos", help="comma-separated, e.g. 1.0,0.8,0.6")
-    p.add_argument("--budgets", help="comma-separated training steps, e.g. 150,300")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
-    p.add_argument("--data", help="text source (default: the stdlib corpus)")
-    p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
-    p.set_defaults(func=cmd_study_allocation)
-    p = studies.add_parser("collisions", help="row sharing per head and order, loss by frequency")
-    p.add_argument("--quick", action="store_true", help="the first 65,536 validation tokens")
-    p.add_argument("--ckpt", help="a trained run: its spec, and losses with Engram on and off")
-    p.add_argument("--max-tokens", type=int, help="validation tokens to analyse")
-    p.add_argument("--data", help="text source (default: the checkpoint's, or the stdlib)")
-    p.add_argument("--out", help="report folder (default runs/collisions[-quick])")
-    p.set_defaults(func=cmd_study_collisions)
+    _add_studies(sub)
 
     p = sub.add_parser("demo", help="MoE vs iso-parameter Engram vs dense, trained side by side")
     p.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")

@@ -9,13 +9,20 @@ matched already at rho = 0.4. Each compute budget (training steps) is a separate
 
 from __future__ import annotations
 
+import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from engram.experiments.arms import ArmSettings, train_arms
-from engram.experiments.report import machine_info, markdown_table, plot_curves, write_json
+from engram.experiments.report import (
+    machine_info,
+    markdown_table,
+    parse_list,
+    plot_curves,
+    write_json,
+)
 from engram.model import ModelConfig, model_preset
 from engram.model.accounting import plan_from_moe
 from engram.train import get_tokenizer
@@ -64,6 +71,34 @@ QUICK = AllocationConfig(
     eval_tokens=8192,
     out_dir="runs/allocation-quick",
 )
+
+
+HELP = "loss against rho at fixed P_tot and P_act"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="3 rhos, 2 tiny budgets (a minute)")
+    p.add_argument("--rhos", help="comma-separated, e.g. 1.0,0.8,0.6")
+    p.add_argument("--budgets", help="comma-separated training steps, e.g. 150,300")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
+    p.add_argument("--data", help="text source (default: the stdlib corpus)")
+    p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    cfg = QUICK if args.quick else AllocationConfig()
+    changes: dict = {}
+    if args.rhos:
+        changes["rhos"] = parse_list(args.rhos, float, "rhos")
+    if args.budgets:
+        changes["budgets"] = parse_list(args.budgets, int, "budgets")
+    if args.seeds:
+        changes["seeds"] = parse_list(args.seeds, int, "seeds")
+    if args.data:
+        changes["data"] = args.data
+    if args.out:
+        changes["out_dir"] = args.out
+    run_allocation(replace(cfg, **changes))
 
 
 def allocation_arms(base: ModelConfig, rhos: tuple[float, ...]) -> dict[float, Any]:

@@ -17,6 +17,7 @@ Axes: N stream positions, K shifts (max order), H heads of a layer (order-major)
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass, replace
@@ -358,6 +359,23 @@ def _stream(data: str, tok: Tokenizer, max_tokens: int | None) -> np.ndarray:
         raise ValueError(f"max_tokens={max_tokens} must be >= 2 (or None for the whole split)")
     tokens = build_shard(data, "val", tok).tokens
     return np.asarray(tokens[:max_tokens], dtype=np.int64)
+
+
+HELP = "row sharing per head and order, loss by frequency"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="the first 65,536 validation tokens")
+    p.add_argument("--ckpt", help="a trained run: its spec, and losses with Engram on and off")
+    p.add_argument("--max-tokens", type=int, help="validation tokens to analyse")
+    p.add_argument("--data", help="text source (default: the checkpoint's, or the stdlib)")
+    p.add_argument("--out", help="report folder (default runs/collisions[-quick])")
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    max_tokens = args.max_tokens if args.max_tokens else (QUICK_TOKENS if args.quick else None)
+    out = args.out or ("runs/collisions-quick" if args.quick else "runs/collisions")
+    run_collisions(data=args.data, ckpt=args.ckpt, max_tokens=max_tokens, out_dir=out)
 
 
 def run_collisions(

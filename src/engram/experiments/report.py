@@ -47,6 +47,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def parse_list(text: str, kind: type, name: str) -> tuple:
+    """A comma-separated CLI list ("1.0,0.8") as a tuple, or a ValueError naming the option."""
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: expected comma-separated {kind.__name__}s") from None
+
+
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
