@@ -75,6 +75,8 @@ CONFIGS = {
         moe=MoEConfig(num_routed=5, top_k=3, expert_hidden=8, num_shared=0)
     ),
     "engram ablations": _switches(gate=False, conv=False, branch_keys=False),
+    "overencoding": _switches(placement="input"),
+    "overencoding M=1 dense": _switches(placement="input").with_(hc_branches=1, moe=None),
 }
 
 
@@ -220,3 +222,16 @@ def test_impossible_plans():
 def test_as_dict_round_trips_fields():
     c = count_params_from_config(DEMO)
     assert {k: v for k, v in c.as_dict().items() if k in asdict(c)} == asdict(c)
+
+
+def test_overencoding_has_the_engram_tables_and_one_projection():
+    engram, over = (
+        count_params_from_config(TINY),
+        count_params_from_config(_switches(placement="input")),
+    )
+    spec = TINY.engram.spec
+    d_mem = spec.row_dim * spec.heads_per_order * len(spec.orders)
+    assert over.engram_tables == engram.engram_tables > 0  # the same memory
+    assert over.engram_rows_active == engram.engram_rows_active == d_mem
+    assert over.engram_dense == len(spec.layer_ids) * d_mem * TINY.d_model  # no bias, gate, conv
+    assert over.p_tot - engram.p_tot == over.engram_dense - engram.engram_dense

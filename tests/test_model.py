@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,9 +11,13 @@ from engram.hashing import NgramHasher
 from engram.model import EngramLM, MoEConfig, model_preset
 from engram.model.hyper import HyperConnection, sinkhorn
 from engram.model.moe import MoE
+from engram.optim import OptimConfig, Optimizers
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
+
+# The OverEncoding baseline: the tiny preset's own tables, added to the input embedding.
+OVERENCODING = replace(model_preset("tiny").engram, placement="input")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,7 @@ def build(tok, **changes):
         {"moe": None},
         {"engram": None},
         {"hc_branches": 4, "first_dense_layers": 0},
+        {"engram": OVERENCODING},
     ],
 )
 def test_forward_backward_shapes(small_tok, changes):
@@ -153,7 +160,61 @@ def test_config_errors(small_tok):
         cfg.with_(n_layers=1).validate()
     with pytest.raises(ValueError, match="exactly when the config has Engram"):
         EngramLM(cfg.with_(vocab_size=small_tok.vocab_size))
+    with pytest.raises(ValueError, match="placement='side'"):
+        cfg.with_(engram=replace(cfg.engram, placement="side")).validate()
     with pytest.raises(ValueError, match="unknown model preset"):
         model_preset("huge")
     with pytest.raises(ValueError, match="max_seq_len"):
         build(small_tok)(torch.zeros(1, 300, dtype=torch.long))
+
+
+def test_overencoding_reads_the_engram_tables_at_the_input(small_tok):
+    engram, over = build(small_tok), build(small_tok, engram=OVERENCODING)
+    assert all(b.engram is None for b in over.blocks)
+    assert [m.layer_id for m in over.engram_layers] == list(over.spec.layer_ids)
+    # Same spec, same addresses: identical table shapes and offsets layer by layer.
+    for a, b in zip(engram.engram_layers, over.engram_layers, strict=True):
+        assert a.table.weight.shape == b.table.weight.shape
+        assert torch.equal(a.offsets, b.offsets)
+    ids = torch.randint(3, small_tok.vocab_size, (1, 10))
+    assert not torch.allclose(over(ids), over(ids, engram_off=True))
+
+
+def test_overencoding_output_depends_on_the_rows_it_reads(small_tok):
+    model = build(small_tok, engram=OVERENCODING).eval()
+    ids = torch.randint(3, small_tok.vocab_size, (1, 12))
+    memory = model.engram_layers[0]
+    touched = model.hasher(ids)[memory.layer_id] + memory.offsets  # [1, T, H] table rows
+    t = 6
+    untouched = next(
+        r for r in range(memory.table.num_embeddings) if r not in set(touched.flatten().tolist())
+    )
+    before = model(ids)
+    with torch.no_grad():
+        memory.table.weight[untouched] += 1.0
+    assert torch.equal(model(ids), before), "a row no token reads changed the logits"
+    with torch.no_grad():
+        memory.table.weight[touched[0, t, 0]] += 1.0
+    after = model(ids)
+    first = int((touched[0] == touched[0, t, 0]).any(-1).nonzero()[0])  # first reader
+    assert not torch.allclose(after[:, t], before[:, t])
+    # Causal: positions before the first reader of the changed row see bit-identical inputs and
+    # the same arithmetic, so their logits must not move at all.
+    torch.testing.assert_close(after[:, :first], before[:, :first], atol=0, rtol=0)
+
+
+def test_overencoding_trains(small_tok):
+    model = build(small_tok, engram=OVERENCODING)
+    optim = Optimizers(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    assert "tables" in optim.named  # its tables train like Engram's (sparse Adam, 5x rate)
+    table = model.engram_layers[0].table.weight.detach().clone()
+    torch.manual_seed(1)
+    ids = torch.randint(3, small_tok.vocab_size, (4, 32))
+    losses = []
+    for _ in range(8):
+        _, loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        optim.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.1, f"loss did not fall: {losses}"
+    assert not torch.equal(model.engram_layers[0].table.weight, table)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -164,6 +165,66 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engram.inference import SamplingConfig, generate
+    from engram.train import load_trained
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read --prompts-file: {e}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    model, tok, _, _ = load_trained(args.ckpt, device=args.device)
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        prefill_chunk=args.prefill_chunk,
+    )
+    cfg.validate()  # before anything is printed
+    ids = [tok.encode(p) for p in prompts]
+    if any(not i for i in ids):
+        raise ValueError("a prompt encodes to no tokens")
+    stream = _Streamer(tok, prompts[0]) if len(prompts) == 1 else None
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    gen = generate(model, ids, cfg, tok.eos_id, pad, stream)
+    if stream is not None:
+        stream.flush()
+    else:
+        for prompt, new in zip(prompts, gen.tokens, strict=True):
+            print(json.dumps({"prompt": prompt, "completion": tok.decode(new)}))
+    print(
+        f"{gen.new_tokens} new tokens for {len(prompts)} prompt(s): prefill "
+        f"{gen.prompt_tokens} tokens in {gen.prefill_s:.2f} s, decode "
+        f"{gen.decode_tokens_per_s:,.1f} tokens/s",
+        file=sys.stderr,
+    )
+
+
+class _Streamer:
+    """Prints a single completion as it grows (decoding the whole tail keeps UTF-8 intact)."""
+
+    def __init__(self, tok, prompt: str) -> None:
+        self.tok, self.ids, self.shown = tok, [], 0
+        print(prompt, end="", flush=True)
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[self.shown :], end="", flush=True)
+            self.shown = len(text)
+
+    def flush(self) -> None:
+        print(self.tok.decode(self.ids)[self.shown :], flush=True)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from engram.config_io import to_dict
     from engram.model import model_preset
@@ -201,8 +262,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 # Each study module defines HELP, add_arguments(parser) and run_cli(args); one line here adds one.
 STUDIES = (
+    "ablation",
     "allocation",
     "collisions",
+    "controls",
+    "gates",
+    "logit-lens",
+    "cka",
+    "memory",
 )
 
 
@@ -265,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval_tokens=65536")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained model (cached decoding)")
+    p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line, generated as one batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-chunk", type=int, default=0, help="0: the whole prompt at once")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="iso-parameter MoE/Engram allocation (paper section 3.1)")
     p.add_argument("--preset", default="demo", help="model preset giving the backbone")

@@ -63,6 +63,20 @@ def check_ids(ids: torch.Tensor, vocab_size: int, name: str = "ids") -> None:
         raise ValueError(f"{name} contains id {hi}, outside the tokenizer's [0, {vocab_size})")
 
 
+def move_pads_first(ext: torch.Tensor, pads: torch.Tensor, state_len: int) -> torch.Tensor:
+    """[state, pads, real] -> [pads, state, real] along dim 1 of ext [B, state_len + T, ...].
+
+    Row b has pads[b] pads right after its state: afterwards its real tokens directly follow
+    its state, as if the pads had never been there.
+    """
+    B, L = ext.shape[:2]
+    i = torch.arange(L, device=ext.device)[None, :]  # [1, L]
+    p = pads[:, None]  # [B, 1]
+    src = torch.where(i < p, state_len + i, torch.where(i < p + state_len, i - p, i))
+    index = src.view(B, L, *([1] * (ext.ndim - 2))).expand_as(ext)
+    return ext.gather(1, index)
+
+
 class NgramHasher:
     """Maps token ids [B, T] to row indices [B, T, H] per Engram layer, bit-exact with the demo."""
 
@@ -117,10 +131,18 @@ class NgramHasher:
         return dict(zip(self.spec.layer_ids, stacked.unbind(0), strict=True))
 
     def step(
-        self, ids: torch.Tensor, state: HashState, doc_starts: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        state: HashState,
+        doc_starts: torch.Tensor | None = None,
+        pads: torch.Tensor | None = None,
     ) -> tuple[dict[int, torch.Tensor], HashState]:
-        """Hash the next chunk (one token or many) after `state`; returns rows and the new state."""
-        stacked, new_state = self.hash_stacked(ids, state=state, doc_starts=doc_starts)
+        """Hash the next chunk (one token or many) after `state`; returns rows and the new state.
+
+        `pads` [B]: row b's first pads[b] tokens are padding. Its real tokens continue `state`
+        as if the pads were absent; the pads' own rows are meaningless (mask them out).
+        """
+        stacked, new_state = self.hash_stacked(ids, state=state, doc_starts=doc_starts, pads=pads)
         return dict(zip(self.spec.layer_ids, stacked.unbind(0), strict=True)), new_state
 
     def hash_stacked(
@@ -128,6 +150,7 @@ class NgramHasher:
         ids: torch.Tensor,
         state: HashState | None = None,
         doc_starts: torch.Tensor | None = None,
+        pads: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, HashState]:
         """Rows of every layer as one [L, B, T, H] tensor, and the state after the chunk.
 
@@ -144,16 +167,22 @@ class NgramHasher:
                 f"state holds {list(state.history.shape)} history, expected "
                 f"[{B}, {self.spec.max_order - 1}] for this batch"
             )
-        starts = self._document_starts(ids, doc_starts)  # [B, T] bool or None
+        starts = self._document_starts(ids, doc_starts, pads)  # [B, T] bool or None
         dist = self._distance_to_start(starts, B, T, ids.device)  # [B, T]
         ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K-1+T]
+        if pads is not None:  # [history, pads, real] -> [pads, history, real]
+            ext = move_pads_first(ext, pads.to(ids.device), self.spec.max_order - 1)
         shifts = self._shifts(ext, dist, T)  # [K, B, T]
         rows = self._rows(shifts, multipliers, primes)  # [L, B, T, H]
-        return rows, self._next_state(ext, ids, dist, T)
+        new_state = self._next_state(ext, ids, dist, T)
+        if pads is not None:  # a row of nothing but pads keeps its state
+            empty = (pads.to(ids.device) == T)[:, None]
+            new_state.history = torch.where(empty, state.history.to(ids.device), new_state.history)
+        return rows, new_state
 
     # ---- the computation, step by step ---------------------------------------------------------
     def _document_starts(
-        self, ids: torch.Tensor, doc_starts: torch.Tensor | None
+        self, ids: torch.Tensor, doc_starts: torch.Tensor | None, pads: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         if doc_starts is not None and (
             doc_starts.shape != ids.shape or doc_starts.dtype != torch.bool
@@ -167,6 +196,9 @@ class NgramHasher:
             return doc_starts
         after_eos = torch.zeros_like(ids, dtype=torch.bool)
         after_eos[:, 1:] = ids[:, :-1] == eos
+        if pads is not None:  # a pad may share the EOS id (as in many HF tokenizers)
+            real = torch.arange(ids.shape[1], device=ids.device)[None, :] >= pads[:, None]
+            after_eos[:, 1:] &= real[:, :-1]
         return after_eos if doc_starts is None else after_eos | doc_starts
 
     def _distance_to_start(

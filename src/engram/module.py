@@ -14,6 +14,10 @@ indices (from `engram.hashing.NgramHasher`):
 
 The conv starts at zero, so a new module returns Y = u. The caller adds Y to the residual stream.
 
+`OverEncoding` is the baseline of the paper's memory-scaling comparison (Huang et al.
+2025, "Over-tokenized transformer"): the same hashed tables and addresses (`HashedMemory`), but
+e_t is only projected to d and added to the input token embedding: no gate, no conv, no block.
+
 Legend: B batch, T time, M branches, d hidden size, H heads (all orders), r row dim, D = H*r.
 """
 
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram.hashing import move_pads_first
 from engram.spec import HashSpec
 
 
@@ -62,7 +67,13 @@ class BranchRMSNorm(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """SiLU(causal depthwise Conv1d(RMSNorm(x))) over time, each branch's channels separately."""
+    """SiLU(causal depthwise Conv1d(RMSNorm(x))) over time, each branch's channels separately.
+
+    The kernel's taps are applied one by one (K shifted multiply-adds) rather than through
+    `F.conv1d`, so that a tap can be masked where it would reach back past a document start
+    (an EOS inside a packed window), and so that decoding can carry the last R inputs as state.
+    `self.conv` stays an `nn.Conv1d` only to hold the weight (checkpoint layout of the demo).
+    """
 
     def __init__(self, dim: int, num_branches: int, kernel_size: int, dilation: int) -> None:
         super().__init__()
@@ -73,92 +84,92 @@ class ShortConv(nn.Module):
             channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation
         )
         nn.init.zeros_(self.conv.weight)  # the conv path starts as identity of the residual
-        self.receptive = (kernel_size - 1) * dilation  # past steps the conv reads
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.receptive = (kernel_size - 1) * dilation  # R: past steps the conv reads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        pads: torch.Tensor | None = None,
+        window: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, M, d] -> [B, T, M, d].
+
+        starts [B, T] bool: tokens that begin a document (no tap reaches before them).
+        pads [B]: row b's first pads[b] tokens are padding (read as absent).
+        window [B, R, M, d]: the last R inputs before this chunk (zeros where not visible); it
+        is read, then overwritten in place with the window after the chunk (decoding state).
+        """
         B, T, M, d = x.shape
-        z = self.norm(x).reshape(B, T, M * d).transpose(1, 2)  # [B, M*d, T]
-        z = F.pad(z, (self.receptive, 0))  # causal: only zeros before the sequence
-        y = F.silu(self.conv(z))  # [B, M*d, T]
-        return y.transpose(1, 2).reshape(B, T, M, d)
+        R, K = self.receptive, self.kernel_size
+        z = self.norm(x)  # [B, T, M, d]
+        if pads is not None:
+            is_pad = torch.arange(T, device=x.device)[None, :] < pads[:, None]  # [B, T]
+            z = z.masked_fill(is_pad[..., None, None], 0.0)
+        past = z.new_zeros(B, R, M, d) if window is None else window.to(z.dtype)
+        ext = torch.cat([past, z], dim=1)  # [B, R + T, M, d]
+        if pads is not None:  # [past, pads, real] -> [pads, past, real]
+            ext = move_pads_first(ext, pads, R)
+        reach = _reach(starts, B, T, R, x.device)  # [B, T] how far back a tap may read
+        weight = self.conv.weight.view(M, d, K).to(z.dtype)  # channel m*d + j, as Conv1d's
+        y = z.new_zeros(B, T, M, d)
+        for k in range(K):
+            lag = (K - 1 - k) * self.dilation
+            tap = ext[:, R - lag : R - lag + T]  # the input `lag` steps back, [B, T, M, d]
+            if lag > 0 and starts is not None:
+                tap = tap * (reach >= lag)[..., None, None]
+            y = y + tap * weight[..., k]
+        if window is not None:
+            window.copy_(_next_window(ext, reach, R))
+        return F.silu(y)
 
 
-class Engram(nn.Module):
-    """One layer's Engram memory. `forward(hidden [B,T,M,d] or [B,T,d], rows [B,T,H]) -> Y`."""
+def _reach(starts: torch.Tensor | None, B: int, T: int, R: int, device) -> torch.Tensor:
+    """[B, T]: steps back within the token's document (R + T where no start precedes it)."""
+    pos = torch.arange(T, device=device).expand(B, T)
+    if starts is None:
+        return pos + R
+    last = torch.where(starts, pos, torch.full_like(pos, -R - 1)).cummax(dim=1).values
+    return torch.where(last >= 0, pos - last, pos + R)
 
-    def __init__(self, spec: HashSpec, layer_id: int, config: EngramConfig) -> None:
+
+def _next_window(ext: torch.Tensor, reach: torch.Tensor, R: int) -> torch.Tensor:
+    """The last R inputs, zeroed where the next token's document cannot see them."""
+    if R == 0:
+        return ext[:, :0]
+    window = ext[:, -R:]  # [B, R, M, d]
+    next_reach = reach[:, -1:] + 1  # [B, 1]
+    lag = torch.arange(R, 0, -1, device=ext.device)[None, :]  # entry i is R - i steps back
+    return window * (lag <= next_reach)[..., None, None]
+
+
+class HashedMemory(nn.Module):
+    """One layer's hashed N-gram table: `lookup(rows [B,T,H]) -> e [B,T,D]`.
+
+    Shared by `Engram` and its `OverEncoding` baseline, so that both address the same rows.
+    """
+
+    def __init__(self, spec: HashSpec, layer_id: int, table_init_std: float) -> None:
         super().__init__()
-        config.validate()
-        self.spec, self.layer_id, self.config = spec, layer_id, config
-        d, M, D = config.hidden_size, config.num_branches, spec.d_mem
-        self.num_keys = M if config.branch_keys else 1
-
+        self.spec, self.layer_id = spec, layer_id
         # One table holds every head; head k's rows start at offsets[k].
         self.table = nn.Embedding(spec.layer_rows(layer_id), spec.row_dim)
-        nn.init.normal_(self.table.weight, std=config.table_init_std)
+        nn.init.normal_(self.table.weight, std=table_init_std)
         offsets = torch.tensor(spec.layer_offsets(layer_id), dtype=torch.int64)
         self.register_buffer("offsets", offsets, persistent=False)
 
-        # Biases as in the demo's nn.Linear defaults; the paper writes k = W_K e, v = W_V e.
-        self.value_proj = nn.Linear(D, d)
-        if config.gate:  # without the gate, keys and their norms would be dead weights
-            self.key_proj = nn.Linear(D, self.num_keys * d)
-            self.key_norm = BranchRMSNorm(M, d)
-            self.query_norm = BranchRMSNorm(M, d)
-        self.conv = (
-            ShortConv(d, M, config.kernel_size, dilation=spec.max_order) if config.conv else None
-        )
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every head's row, concatenated: rows [B, T, H] -> e [B, T, D]."""
+        return self.table(rows + self.offsets).flatten(start_dim=-2)
 
-    def forward(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        h, squeeze = self._check_inputs(hidden, rows)  # h [B, T, M, d]
-
-        # 1. Look up every head's row and concatenate: e [B, T, D]
-        e = self.table(rows + self.offsets).flatten(start_dim=-2)
-
-        # 2. One value for all branches: v [B, T, 1, d]
-        v = self.value_proj(e).unsqueeze(2)
-
-        # 3. Context-aware gate per branch: a [B, T, M, 1]
-        a = self._gate(h, e).unsqueeze(-1)
-
-        # 4. Gated value per branch: u [B, T, M, d]
-        u = a * v
-
-        # 5. Short causal conv refines it: Y [B, T, M, d]
-        y = u + self.conv(u) if self.conv is not None else u
-        return y.squeeze(2) if squeeze else y
-
-    def gates(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The gate activations a [B, T, M] (for analysis and heat maps)."""
-        h, _ = self._check_inputs(hidden, rows)
-        return self._gate(h, self.table(rows + self.offsets).flatten(start_dim=-2))
-
-    def _gate(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """a [B, T, M] from hidden h [B, T, M, d] and memory e [B, T, D]."""
-        B, T, M, d = h.shape
-        if not self.config.gate:
-            return torch.ones(B, T, M, dtype=h.dtype, device=h.device)
-        k = self.key_proj(e).view(B, T, self.num_keys, d).expand(B, T, M, d)
-        s = (self.query_norm(h) * self.key_norm(k)).sum(-1) / math.sqrt(d)
-        return torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt())
-
-    def _check_inputs(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        d, M, H = self.config.hidden_size, self.config.num_branches, self.spec.heads_total
-        squeeze = hidden.ndim == 3
-        if squeeze and M != 1:
+    def _check_rows(self, rows: torch.Tensor, leading: tuple[int, ...]) -> None:
+        H = self.spec.heads_total
+        if rows.dtype not in (torch.int64, torch.int32) or rows.shape != (*leading, H):
             raise ValueError(
-                f"hidden [B, T, d] is only accepted for M = 1; this module has "
-                f"M = {M}: pass [B, T, {M}, {d}]"
-            )
-        h = hidden.unsqueeze(2) if squeeze else hidden
-        if h.ndim != 4 or h.shape[2:] != (M, d):
-            raise ValueError(f"hidden must be [B, T, {M}, {d}], got {list(hidden.shape)}")
-        if rows.dtype not in (torch.int64, torch.int32) or rows.shape != (*h.shape[:2], H):
-            raise ValueError(
-                f"rows must be int [B, T, {H}] = {[*h.shape[:2], H]}, got "
+                f"rows must be int [B, T, {H}] = {[*leading, H]}, got "
                 f"{rows.dtype} {list(rows.shape)}"
             )
-        return h, squeeze
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
@@ -174,6 +185,92 @@ class Engram(nn.Module):
         """Parameters a token touches: its H rows plus every dense weight."""
         return self.spec.d_mem + self.dense_params
 
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_id}, rows={self.table.num_embeddings}, "
+            f"heads={self.spec.heads_total}, d_mem={self.spec.d_mem}"
+        )
+
+
+class Engram(HashedMemory):
+    """One layer's Engram memory. `forward(hidden [B,T,M,d] or [B,T,d], rows [B,T,H]) -> Y`."""
+
+    def __init__(self, spec: HashSpec, layer_id: int, config: EngramConfig) -> None:
+        config.validate()
+        super().__init__(spec, layer_id, config.table_init_std)
+        self.config = config
+        d, M, D = config.hidden_size, config.num_branches, spec.d_mem
+        self.num_keys = M if config.branch_keys else 1
+
+        # Biases as in the demo's nn.Linear defaults; the paper writes k = W_K e, v = W_V e.
+        self.value_proj = nn.Linear(D, d)
+        if config.gate:  # without the gate, keys and their norms would be dead weights
+            self.key_proj = nn.Linear(D, self.num_keys * d)
+            self.key_norm = BranchRMSNorm(M, d)
+            self.query_norm = BranchRMSNorm(M, d)
+        self.conv = (
+            ShortConv(d, M, config.kernel_size, dilation=spec.max_order) if config.conv else None
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rows: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        pads: torch.Tensor | None = None,
+        window: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Y for hidden [B, T, M, d] (or [B, T, d] when M = 1) and rows [B, T, H].
+
+        `starts`, `pads` and `window` only concern the conv (see `ShortConv.forward`): document
+        starts in the chunk, leading pads per row, and the decoding state updated in place.
+        """
+        h, squeeze = self._check_inputs(hidden, rows)  # h [B, T, M, d]
+
+        # 1. Look up every head's row and concatenate: e [B, T, D]
+        e = self.lookup(rows)
+
+        # 2. One value for all branches: v [B, T, 1, d]
+        v = self.value_proj(e).unsqueeze(2)
+
+        # 3. Context-aware gate per branch: a [B, T, M, 1]
+        a = self._gate(h, e).unsqueeze(-1)
+
+        # 4. Gated value per branch: u [B, T, M, d]
+        u = a * v
+
+        # 5. Short causal conv refines it: Y [B, T, M, d]
+        y = u + self.conv(u, starts, pads, window) if self.conv is not None else u
+        return y.squeeze(2) if squeeze else y
+
+    def gates(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The gate activations a [B, T, M] (for analysis and heat maps)."""
+        h, _ = self._check_inputs(hidden, rows)
+        return self._gate(h, self.lookup(rows))
+
+    def _gate(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """a [B, T, M] from hidden h [B, T, M, d] and memory e [B, T, D]."""
+        B, T, M, d = h.shape
+        if not self.config.gate:
+            return torch.ones(B, T, M, dtype=h.dtype, device=h.device)
+        k = self.key_proj(e).view(B, T, self.num_keys, d).expand(B, T, M, d)
+        s = (self.query_norm(h) * self.key_norm(k)).sum(-1) / math.sqrt(d)
+        return torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt())
+
+    def _check_inputs(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        d, M = self.config.hidden_size, self.config.num_branches
+        squeeze = hidden.ndim == 3
+        if squeeze and M != 1:
+            raise ValueError(
+                f"hidden [B, T, d] is only accepted for M = 1; this module has "
+                f"M = {M}: pass [B, T, {M}, {d}]"
+            )
+        h = hidden.unsqueeze(2) if squeeze else hidden
+        if h.ndim != 4 or h.shape[2:] != (M, d):
+            raise ValueError(f"hidden must be [B, T, {M}, {d}], got {list(hidden.shape)}")
+        self._check_rows(rows, tuple(h.shape[:2]))
+        return h, squeeze
+
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of the forward per token: projections, gate dot products and conv."""
         d, M, D = self.config.hidden_size, self.config.num_branches, self.spec.d_mem
@@ -182,8 +279,31 @@ class Engram(nn.Module):
         conv = 2 * M * d * self.config.kernel_size if self.conv is not None else 0
         return proj + gate + conv
 
-    def extra_repr(self) -> str:
-        return (
-            f"layer={self.layer_id}, rows={self.table.num_embeddings}, "
-            f"heads={self.spec.heads_total}, d_mem={self.spec.d_mem}"
-        )
+
+class OverEncoding(HashedMemory):
+    """The OverEncoding baseline: `forward(rows [B,T,H]) -> [B,T,d]`, added to the input embedding.
+
+    Over-encoding (Huang et al. 2025) adds hashed N-gram embeddings to the token embedding. Here
+    the N-gram embedding is this layer's Engram lookup, so Engram and this baseline read the same
+    rows of the same table; one linear map (no bias, like the embedding it joins) takes the D-wide
+    concatenation to d. Nothing depends on the hidden state: no gate, no conv, no block.
+    """
+
+    def __init__(
+        self, spec: HashSpec, layer_id: int, hidden_size: int, table_init_std: float
+    ) -> None:
+        if hidden_size < 1 or table_init_std < 0:
+            raise ValueError(
+                f"hidden_size={hidden_size} must be >= 1 and table_init_std={table_init_std} >= 0"
+            )
+        super().__init__(spec, layer_id, table_init_std)
+        self.hidden_size = hidden_size
+        self.proj = nn.Linear(spec.d_mem, hidden_size, bias=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        self._check_rows(rows, tuple(rows.shape[:2]))
+        e = self.lookup(rows)  # [B, T, D]
+        return self.proj(e)  # [B, T, d]
+
+    def flops_per_token(self) -> int:
+        return 2 * self.spec.d_mem * self.hidden_size

@@ -52,15 +52,7 @@ class AllocationConfig:
             raise ValueError("seeds must not be empty")
 
     def settings(self, steps: int) -> ArmSettings:
-        return ArmSettings(
-            steps=steps,
-            seq_len=self.seq_len,
-            batch_size=self.batch_size,
-            eval_tokens=self.eval_tokens,
-            lr=self.lr,
-            tokenizer=self.tokenizer,
-            data=self.data,
-        )
+        return ArmSettings.of(self, steps)
 
 
 QUICK = AllocationConfig(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.config_io import to_dict
+from engram.config_io import from_dict, to_dict
 from engram.model import ModelConfig
 from engram.model.accounting import count_params_from_config
 from engram.optim import OptimConfig
@@ -43,6 +43,13 @@ class ArmSettings:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every} must be >= 0")
+
+    @classmethod
+    def of(cls, study: Any, steps: int | None = None) -> ArmSettings:
+        """The settings a study config shares by field name (its own `steps` unless given)."""
+        shared = ("seq_len", "batch_size", "eval_tokens", "lr", "tokenizer", "data")
+        steps = study.steps if steps is None else steps
+        return cls(steps=steps, **{name: getattr(study, name) for name in shared})
 
     @property
     def tokens(self) -> int:
@@ -71,7 +78,13 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return saved["summary"] if saved.get("config") == _jsonable(config) else None
+    # Read back through the dataclasses so that a field added since (with a default that keeps
+    # the old behaviour, e.g. the Engram placement) does not orphan every finished run.
+    try:
+        saved_config = _jsonable(from_dict(TrainConfig, saved.get("config") or {}))
+    except ValueError:
+        return None
+    return saved["summary"] if saved_config == _jsonable(config) else None
 
 
 def _jsonable(config: TrainConfig) -> Any:

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,23 @@ def plot_curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_report(
+    out_dir: str | Path,
+    report: dict[str, Any],
+    png: str,
+    plot: Callable[[dict, Path], Path | None],
+    markdown: Callable[[dict, Path | None], str],
+) -> str:
+    """Write report.json, the plot `png` and report.md into out_dir; print and return the text."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    text = markdown(report, plot(report, out / png))
+    (out / "report.md").write_text(text)
+    print(text)
+    return text
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

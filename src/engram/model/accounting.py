@@ -7,6 +7,8 @@ parameters. Its definitions, which this file implements:
 - P_act: parameters a token activates: attention, norms, dense FFNs, shared experts, the top-k
   routed experts and the router of every MoE layer, hyper-connections, Engram's dense weights
   (projections, norms, conv) and the Engram rows the token reads (heads_total * row_dim per layer).
+  The OverEncoding baseline (placement "input") counts the same way: its tables are
+  `engram_tables`, its projection `engram_dense`.
 - P_sparse = P_tot - P_act: inactive routed experts plus Engram rows not read.
 - rho: the share of P_sparse held by routed experts. rho = 1 is pure MoE; the paper finds a
   U-shaped loss in rho with its best near 0.75-0.8.
@@ -53,7 +55,7 @@ class ParamCounts:
     hyper: int  # mHC: norms, dynamic projections, static biases, alphas (0 for M = 1)
     engram_tables: int
     engram_rows_active: int
-    engram_dense: int  # value/key projections, gate norms, conv and its norm
+    engram_dense: int  # value/key projections, gate norms, conv (OverEncoding: its projection)
 
     @property
     def p_tot(self) -> int:
@@ -139,6 +141,8 @@ _ADDITIVE = (
 
 def _category(model: EngramLM, name: str) -> str | None:
     parts = name.split(".")
+    if parts[0] == "input_memory":  # OverEncoding: input_memory.<i>.table / .proj
+        return "engram_tables" if parts[2] == "table" else "engram_dense"
     if parts[0] != "blocks":
         return _TOP_LEVEL.get(parts[0])
     block, sub, rest = model.blocks[int(parts[1])], parts[2], parts[3:]
@@ -181,9 +185,11 @@ def _hyper_connection(d: int, branches: int) -> int:
 
 
 def _engram_dense(config: ModelConfig, d_mem: int) -> int:
-    """Dense weights of one Engram layer, mirroring `engram.module.Engram`."""
+    """Dense weights of one Engram layer, mirroring `engram.module.Engram` (or `OverEncoding`)."""
     opts = config.engram
     d, M = config.d_model, config.hc_branches
+    if opts.placement == "input":
+        return d_mem * d  # OverEncoding's projection, no bias
     # Built as the model builds it so that defaults (kernel size) come from one place.
     module_cfg = EngramConfig(
         hidden_size=d, num_branches=M, gate=opts.gate, conv=opts.conv, branch_keys=opts.branch_keys

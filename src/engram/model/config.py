@@ -35,9 +35,21 @@ class MoEConfig:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0")
 
 
+PLACEMENTS = ("block", "input")
+
+
 @dataclass(frozen=True)
 class EngramOptions:
-    """The Engram memory of a model: its addressing (`spec`) and the module's switches."""
+    """The Engram memory of a model: its addressing (`spec`) and the module's switches.
+
+    `placement` says where the hashed N-gram memory enters the model:
+    - "block": Engram, gated and convolved, before attention at the spec's layer_ids (the paper);
+    - "input": the OverEncoding baseline of the paper's memory-scaling study: the same tables and
+      addresses (one table per spec layer id), projected and added to the input token embedding.
+      The layer ids then only name the tables (their hash seeds and primes), and must still lie
+      inside n_layers so that one spec serves both placements; gate, conv and branch_keys do
+      not apply.
+    """
 
     spec: SpecConfig  # layer_ids in the spec are the blocks that hold an Engram
     gate: bool = True
@@ -45,6 +57,19 @@ class EngramOptions:
     branch_keys: bool = True
     table_init_std: float = 0.02  # rows start small like the token embeddings (paper: silent)
     table_lr_multiplier: float = 5.0  # the paper: tables train with Adam at 5x the base lr
+    placement: str = "block"  # "block" (Engram) or "input" (OverEncoding); see above
+
+    def validate(self) -> None:
+        self.spec.validate()
+        if self.placement not in PLACEMENTS:
+            raise ValueError(
+                f"engram placement={self.placement!r} must be one of {list(PLACEMENTS)}"
+            )
+        if self.table_init_std < 0 or self.table_lr_multiplier <= 0:
+            raise ValueError(
+                f"table_init_std={self.table_init_std} must be >= 0 and "
+                f"table_lr_multiplier={self.table_lr_multiplier} > 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -97,7 +122,7 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate()
         if self.engram is not None:
-            self.engram.spec.validate()
+            self.engram.validate()
             bad = [i for i in self.engram.spec.layer_ids if i >= self.n_layers]
             if bad:
                 raise ValueError(

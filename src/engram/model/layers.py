@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram.model.cache import Chunk, DecodeCache
 from engram.model.config import ModelConfig
 
 
@@ -31,15 +32,30 @@ class Rotary(nn.Module):
             )
         cos = self.cos[start : start + T].to(x.dtype)
         sin = self.sin[start : start + T].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return _rotate(x, cos, sin)
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, h, T, hd] for per-row positions [B, T] (padded or cached sequences)."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds max_seq_len={self.cos.shape[0]}"
+            )
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, hd/2]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 class Attention(nn.Module):
     """Causal grouped-query attention through `scaled_dot_product_attention`."""
 
-    def __init__(self, config: ModelConfig, rotary: Rotary) -> None:
+    def __init__(self, config: ModelConfig, rotary: Rotary, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # which of the cache's K/V buffers is this block's
         self.n_heads, self.n_kv, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         d, hd = config.d_model, config.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
@@ -47,16 +63,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, chunk: Chunk | None = None, cache: DecodeCache | None = None
+    ) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]; with a cache, attends over its slots and adds this chunk's."""
         B, T, d = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
         kv = self.kv_proj(x).view(B, T, 2, self.n_kv, self.head_dim)
         k, v = kv.unbind(2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, nkv, T, hd]
-        q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads
-        )
+        gqa = self.n_kv != self.n_heads
+        if chunk is None or chunk.mask is None:  # training: one causal sequence per row
+            q, k = self.rotary(q), self.rotary(k)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            q, k = self.rotary.at(q, chunk.positions), self.rotary.at(k, chunk.positions)
+            if cache is not None:
+                k, v = cache.write(self.layer, k, v)  # [B, nkv, S, hd], every slot so far
+            mask = chunk.mask  # [B, 1, T, S]
+            y = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, d))  # [B, T, d]
 
 

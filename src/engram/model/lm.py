@@ -6,8 +6,10 @@ Each block (paper section 2.4: Engram sits before attention):
     x = R_attn(x, h -> Attention(RMSNorm(h)))
     x = R_ffn(x, h -> FFN(RMSNorm(h)))       SwiGLU, or DeepSeekMoE after the first dense blocks
 
-R is the plain residual for M = 1 and an mHC hyper-connection for M > 1. The model is
-single-device code: it never names a device and knows nothing of training or storage.
+R is the plain residual for M = 1 and an mHC hyper-connection for M > 1. With the memory's
+placement "input" (the OverEncoding baseline of the paper's memory-scaling study) no
+block holds an Engram; the same tables' lookups are projected and added to the token embedding.
+The model is single-device code: it never names a device and knows nothing of training or storage.
 
 Legend: B batch, T time, M residual branches, d width, V vocabulary, H Engram heads.
 """
@@ -19,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.hashing import NgramHasher
+from engram.model.cache import Chunk, DecodeCache, cached_chunk, plain_chunk
 from engram.model.config import ModelConfig
 from engram.model.hyper import residual_for
 from engram.model.layers import Attention, Rotary, SwiGLU
 from engram.model.moe import MoE
-from engram.module import Engram, EngramConfig
+from engram.module import Engram, EngramConfig, HashedMemory, OverEncoding
 from engram.spec import HashSpec
 
 Rows = dict[int, torch.Tensor]  # Engram layer id -> row indices [B, T, H]
@@ -37,8 +40,8 @@ class Block(nn.Module):
         d, M = config.d_model, config.hc_branches
         self.layer = layer
         self.engram = None
-        if spec is not None and layer in spec.layer_ids:
-            opts = config.engram
+        opts = config.engram
+        if spec is not None and layer in spec.layer_ids and opts.placement == "block":
             self.engram = Engram(
                 spec,
                 layer,
@@ -52,7 +55,7 @@ class Block(nn.Module):
                 ),
             )
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.attn = Attention(config, rotary)
+        self.attn = Attention(config, rotary, layer)
         self.attn_res = residual_for(d, M)
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.ffn = (
@@ -60,11 +63,23 @@ class Block(nn.Module):
         )
         self.ffn_res = residual_for(d, M)
 
-    def forward(self, x: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rows: Rows | None,
+        chunk: Chunk | None = None,
+        cache: DecodeCache | None = None,
+        engram_off: bool = False,
+    ) -> torch.Tensor:
         # x [B, T, M, d]
-        if self.engram is not None:
-            x = x + self.engram(x, rows[self.layer])
-        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h)))
+        if self.engram is not None and not engram_off:
+            starts = pads = window = None
+            if chunk is not None:
+                starts, pads = chunk.starts, chunk.pads
+            if cache is not None:
+                window = cache.conv.get(self.layer)
+            x = x + self.engram(x, rows[self.layer], starts, pads, window)
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), chunk, cache))
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
 
 
@@ -95,6 +110,12 @@ class EngramLM(nn.Module):
             )
         self.config, self.spec, self.hasher = config, spec, hasher
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        # OverEncoding tables (placement "input"); empty for Engram and for no memory.
+        inputs = spec.layer_ids if spec is not None and config.engram.placement == "input" else ()
+        self.input_memory = nn.ModuleList(
+            OverEncoding(spec, layer, config.d_model, config.engram.table_init_std)
+            for layer in inputs
+        )
         rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config, i, rotary, spec) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -118,8 +139,12 @@ class EngramLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
 
     @property
-    def engram_layers(self) -> list[Engram]:
-        return [b.engram for b in self.blocks if b.engram is not None]
+    def engram_layers(self) -> list[HashedMemory]:
+        """Every hashed N-gram memory: the blocks' Engrams, or the input OverEncoding tables.
+
+        The optimiser's table group and the accounting of rows read both start here.
+        """
+        return [b.engram for b in self.blocks if b.engram is not None] + list(self.input_memory)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -142,29 +167,84 @@ class EngramLM(nn.Module):
         rows: Rows | None = None,
         targets: torch.Tensor | None = None,
         engram_off: bool = False,
+        cache: DecodeCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V]; with `targets` [B, T] also the mean cross-entropy (-100 ignored).
 
-        `engram_off=True` skips every Engram layer (the paper's switch-off test).
+        `engram_off=True` skips every Engram layer (the paper's switch-off test), and the
+        OverEncoding tables of placement "input" alike. With a `cache` (see `new_cache`) the
+        chunk continues the cached sequences: the model hashes it itself from the cache's
+        N-gram history, so `rows` must be None. `attention_mask` [B, T] (True = a real token)
+        marks padding, which is then invisible to every other token, with or without a cache.
         """
         if ids.ndim != 2:
             raise ValueError(f"ids must be [B, T], got {list(ids.shape)}")
+        B, T = ids.shape
+        if attention_mask is not None and cache is None:
+            cache = self.new_cache(B, T)  # a padded batch is a one-chunk decode
+        eos_id = self.spec.eos_id if self.spec is not None else None
+        if cache is None:
+            chunk = plain_chunk(ids, eos_id)
+        else:
+            if rows is not None:
+                raise ValueError("with a cache, pass rows=None: the cache holds the N-gram history")
+            ids, chunk = cached_chunk(ids, attention_mask, cache, eos_id)  # pads first
+            if not engram_off:
+                rows = self._hash_cached(ids, chunk, cache)
         if rows is None and not engram_off:
             rows = self.hash(ids)
-        B, T = ids.shape
         M = self.config.hc_branches
-        x = self.embed(ids).unsqueeze(2).expand(B, T, M, self.config.d_model)  # [B, T, M, d]
+        x = self.embed(ids)  # [B, T, d]
+        if not engram_off:
+            for memory in self.input_memory:  # OverEncoding: the N-grams join the token
+                x = x + memory(rows[memory.layer_id])  # [B, T, d]
+        x = x.unsqueeze(2).expand(B, T, M, self.config.d_model)  # [B, T, M, d]
         for block in self.blocks:
-            if engram_off and block.engram is not None:
-                x = block.attn_res(x, lambda h, b=block: b.attn(b.attn_norm(h)))
-                x = block.ffn_res(x, lambda h, b=block: b.ffn(b.ffn_norm(h)))
-            else:
-                x = block(x, rows)
-        logits = self.head(self.norm(x.mean(dim=2)))  # [B, T, V]
+            x = block(x, rows, chunk, cache, engram_off)
+        if cache is not None:
+            cache.commit(chunk, ids, eos_id)
+        logits = chunk.restore(self.head(self.norm(x.mean(dim=2))))  # [B, T, V], caller's order
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def _hash_cached(self, ids: torch.Tensor, chunk: Chunk, cache: DecodeCache) -> Rows | None:
+        if self.spec is None:
+            return None
+        if self.hasher is None:
+            raise ValueError("cached decoding of an Engram model needs the model's hasher")
+        rows, cache.hash_state = self.hasher.step(ids, cache.hash_state, pads=chunk.pads)
+        return rows
+
+    def new_cache(self, batch_size: int, capacity: int) -> DecodeCache:
+        """An empty decoding cache for `batch_size` sequences of up to `capacity` tokens."""
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(f"batch_size={batch_size} and capacity={capacity} must be >= 1")
+        p = next(self.parameters())
+        c, device = self.config, p.device
+        kv = (batch_size, c.n_kv_heads, capacity, c.head_dim)
+        conv = {
+            b.layer: torch.zeros(
+                batch_size, b.engram.conv.receptive, c.hc_branches, c.d_model, device=device
+            )
+            for b in self.blocks
+            if b.engram is not None and b.engram.conv is not None
+        }
+        return DecodeCache(
+            keys=[torch.zeros(kv, dtype=p.dtype, device=device) for _ in self.blocks],
+            values=[torch.zeros(kv, dtype=p.dtype, device=device) for _ in self.blocks],
+            valid=torch.zeros(batch_size, capacity, dtype=torch.bool, device=device),
+            positions=torch.zeros(batch_size, dtype=torch.int64, device=device),
+            last_eos=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            hash_state=(
+                self.hasher.initial_state(batch_size, device)
+                if self.spec is not None and self.hasher is not None
+                else None
+            ),
+            conv=conv,
+        )
 
     @torch.no_grad()
     def update_route_biases(self) -> dict[str, float]:

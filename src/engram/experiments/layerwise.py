@@ -1,0 +1,246 @@
+"""Layer by layer through a trained pair: what the logit-lens and CKA studies share.
+
+The paper's mechanism analysis compares an Engram model with its MoE baseline layer by
+layer: how close each layer's early-exit prediction is to the final one (LogitLens), and which
+baseline layer each Engram layer resembles (CKA). Both need the same pieces, kept here: loading
+the two checkpoints (checked to read the same tokens), a self-contained tiny pair for `--quick`,
+the residual stream after every block (captured by forward hooks, so the model code stays
+untouched), and the model's own readout of a stream.
+
+Representations are numbered 0..n_layers: 0 is the stream entering block 0 (the embedding),
+i >= 1 the stream after block i-1, i.e. after i blocks; so the last one is what the head reads.
+
+Legend: B batch, T time, M residual branches, d width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engram.data import build_shard, eval_batches
+from engram.experiments.arms import ArmSettings, train_arm
+from engram.model import EngramLM, model_preset
+from engram.model.accounting import count_params_from_config
+from engram.tokenizer import Tokenizer
+from engram.train import TrainConfig, get_tokenizer, load_trained
+
+# `--quick` without checkpoints: two tiny models (the `tiny` preset with and without Engram; M = 2
+# branches, so the hyper-connection readout is exercised) trained for seconds on the same tokens.
+QUICK_SETTINGS = ArmSettings(
+    steps=12, seq_len=64, batch_size=8, eval_tokens=4096, lr=3e-3, tokenizer="bpe:1024"
+)
+QUICK_TOKENS = 4096  # validation tokens analysed by `--quick`
+FULL_RUN = "runs/demo-2seeds/seed-0"  # the documented full run: its `engram` and `moe` arms
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One trained model of the pair and what the report says about it."""
+
+    path: str
+    model: EngramLM
+    tok: Tokenizer
+    config: TrainConfig
+    manifest: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config.model
+        counts = count_params_from_config(c, self.model.spec)
+        return {
+            "path": self.path,
+            "step": self.manifest["step"],
+            "tokens_trained": self.manifest.get("tokens_seen"),
+            "n_layers": c.n_layers,
+            "d_model": c.d_model,
+            "hc_branches": c.hc_branches,
+            "engram_layers": list(self.model.spec.layer_ids) if self.model.spec else [],
+            "routed_experts": c.moe.num_routed if c.moe else 0,
+            "p_tot": counts.p_tot,
+            "p_act": counts.p_act,
+            "table_params": counts.engram_tables,
+        }
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Model A (Engram) and model B (the baseline), read on the same validation tokens."""
+
+    engram: Trained
+    baseline: Trained
+    data: str
+    seq_len: int
+    batch_size: int
+
+    def val_tokens(self) -> np.ndarray:
+        return build_shard(self.data, "val", self.engram.tok).tokens
+
+
+def load_pair(
+    ckpt: str | Path, baseline: str | Path, data: str | None = None, device: str = "auto"
+) -> Pair:
+    """Both checkpoints; ValueError unless they share a tokenizer (the same tokens feed both)."""
+    trained = []
+    for path in (ckpt, baseline):
+        model, tok, config, manifest = load_trained(path, device=device)
+        trained.append(Trained(str(path), model, tok, config, manifest))
+    a, b = trained
+    if a.tok.fingerprint != b.tok.fingerprint:
+        raise ValueError(
+            f"--ckpt {ckpt} and --baseline {baseline} were trained with different tokenizers: "
+            "a layer-by-layer comparison needs the same tokens in both models"
+        )
+    # Windows no longer than either model's context; A's batch shape, as A was evaluated.
+    seq_len = min(a.config.seq_len, a.config.model.max_seq_len, b.config.model.max_seq_len)
+    return Pair(a, b, data or a.config.data, seq_len, a.config.batch_size)
+
+
+def train_quick_pair(out: Path, data: str) -> tuple[Path, Path]:
+    """Train (or reuse, if finished with the same config) the tiny pair under `out`/models."""
+    get_tokenizer(QUICK_SETTINGS.tokenizer, data)
+    base = model_preset("tiny")
+    paths = (out / "models" / "engram", out / "models" / "baseline")
+    settings = replace(QUICK_SETTINGS, data=data)
+    for path, config in zip(paths, (base, base.with_(engram=None)), strict=True):
+        train_arm(settings, config, seed=0, out=path)
+    return paths
+
+
+def add_pair_arguments(p: argparse.ArgumentParser, study: str, full_tokens: int) -> None:
+    """The options both studies take."""
+    p.add_argument("--ckpt", help=f"the Engram run (e.g. {FULL_RUN}/engram)")
+    p.add_argument("--baseline", help=f"the baseline run (e.g. {FULL_RUN}/moe)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help=f"validation tokens analysed (default {full_tokens:,}; --quick {QUICK_TOKENS:,})",
+    )
+    p.add_argument("--data", help="text source (default: the Engram checkpoint's)")
+    p.add_argument("--out", help=f"report folder (default runs/{study}[-quick])")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="few tokens; without --ckpt, first trains two tiny models into OUT/models",
+    )
+
+
+def pair_from_args(args: argparse.Namespace, out: Path) -> Pair:
+    """The pair the CLI names, or the quick pair trained into `out` (only with --quick)."""
+    if (args.ckpt is None) != (args.baseline is None):
+        raise ValueError("give both --ckpt (the Engram run) and --baseline, or neither")
+    if args.ckpt is None:
+        if not args.quick:
+            raise ValueError(
+                f"give --ckpt and --baseline (e.g. --ckpt {FULL_RUN}/engram --baseline "
+                f"{FULL_RUN}/moe), or --quick to train a tiny pair first"
+            )
+        ckpt, baseline = train_quick_pair(out, args.data or "default")
+        return load_pair(ckpt, baseline, args.data, args.device)
+    return load_pair(args.ckpt, args.baseline, args.data, args.device)
+
+
+def max_tokens_from_args(args: argparse.Namespace, full_tokens: int) -> int:
+    tokens = args.max_tokens
+    if tokens is None:
+        tokens = QUICK_TOKENS if args.quick else full_tokens
+    if tokens < 2:
+        raise ValueError(f"--max-tokens {tokens} must be >= 2")
+    return tokens
+
+
+def batches(pair: Pair, max_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids [B, T], targets [B, T]) over the first `max_tokens` validation tokens, in order.
+
+    The windows of `evaluate` (fresh context at each window start). Each model hashes its own
+    rows inside `forward`, exactly as `make_batch` would: the hasher sees one window at a time.
+    """
+    tokens = pair.val_tokens()
+    if len(tokens) < pair.seq_len + 1:
+        raise ValueError(
+            f"the validation split of {pair.data!r} has {len(tokens)} tokens, fewer than one "
+            f"window of {pair.seq_len + 1}"
+        )
+    for batch in eval_batches(tokens, pair.seq_len, pair.batch_size, None, max_tokens):
+        yield batch.ids, batch.targets
+
+
+@contextmanager
+def streams_of(model: EngramLM) -> Iterator[list[torch.Tensor]]:
+    """While open, each forward fills the list with its n_layers + 1 streams [B, T, M, d].
+
+    Stream 0 is what enters block 0 (the embedding, copied into every branch, plus whatever the
+    model adds before the blocks), so it is taken by a pre-hook rather than from `model.embed`.
+    """
+    captured: list[torch.Tensor] = []
+
+    def on_first(_module, args) -> None:
+        captured.clear()  # a new forward pass
+        captured.append(args[0])
+
+    def on_block(_module, _args, output: torch.Tensor) -> None:
+        captured.append(output)
+
+    handles = [model.blocks[0].register_forward_pre_hook(on_first)]
+    handles += [block.register_forward_hook(on_block) for block in model.blocks]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def forward_with_streams(
+    model: EngramLM, ids: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's logits [B, T, V] and its n_layers + 1 residual streams (no autocast)."""
+    device = next(model.parameters()).device
+    with streams_of(model) as streams:
+        logits = model(ids.to(device))
+    if len(streams) != model.config.n_layers + 1:
+        raise RuntimeError(
+            f"captured {len(streams)} streams for {model.config.n_layers} blocks: the model's "
+            "forward no longer runs every block once"
+        )
+    return logits, list(streams)
+
+
+def combined(stream: torch.Tensor) -> torch.Tensor:
+    """The single stream [..., d] the model's head reads from branches [..., M, d].
+
+    Mirrors `EngramLM.forward` (the mean over branches); `test_logit_lens` checks that the
+    readout of the last stream reproduces the model's logits, so a change there shows.
+    """
+    return stream.mean(dim=-2)
+
+
+def readout(model: EngramLM, stream: torch.Tensor) -> torch.Tensor:
+    """Early-exit logits [..., V] of a stream [..., M, d]: final norm and head, as the model."""
+    return model.head(model.norm(combined(stream)))
+
+
+__all__ = [
+    "FULL_RUN",
+    "QUICK_SETTINGS",
+    "QUICK_TOKENS",
+    "Pair",
+    "Trained",
+    "add_pair_arguments",
+    "batches",
+    "combined",
+    "forward_with_streams",
+    "load_pair",
+    "max_tokens_from_args",
+    "pair_from_args",
+    "readout",
+    "streams_of",
+    "train_quick_pair",
+]

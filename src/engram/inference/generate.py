@@ -1,0 +1,148 @@
+"""Text generation with the decoding cache: greedy, temperature, top-k and top-p sampling.
+
+A batch of prompts of different lengths is left-padded and prefilled (in chunks of any size);
+then every step feeds one token per sequence. The cache carries attention K/V, the N-gram
+history and the Engram conv windows, so a step costs the same whatever the context length and
+gives the logits the full forward would. A sequence that has finished (EOS, or its budget)
+feeds padding from then on, which leaves its state untouched.
+
+Legend: B sequences, T prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engram.model import EngramLM
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int = 0
+    stop_at_eos: bool = True
+    prefill_chunk: int = 0  # 0: the whole prompt in one forward
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk} must be >= 0")
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # the new tokens of each prompt (EOS included when produced)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    steps: int = 0
+    finished: list[bool] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token of each row from logits [B, V]: [B] int64."""
+    if cfg.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the
+        # most likely token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] and attention mask [B, T] (True = real) with every prompt right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = torch.tensor(p, dtype=torch.int64)
+        mask[i, T - len(p) :] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: EngramLM,
+    prompts: list[list[int]],
+    cfg: SamplingConfig = SamplingConfig(),
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
+) -> Generation:
+    """Continue every prompt (lists of token ids); `on_token(row, id)` streams each new token."""
+    cfg.validate()
+    model.eval()
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B, T = ids.shape
+    cache = model.new_cache(B, T + cfg.max_new_tokens)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    start = time.perf_counter()
+    chunk = cfg.prefill_chunk or T
+    for a in range(0, T, chunk):
+        logits = model(ids[:, a : a + chunk], cache=cache, attention_mask=mask[:, a : a + chunk])
+    last = logits[:, -1]  # left padding: the last column is every prompt's last real token
+    prefill_s = time.perf_counter() - start
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    start, steps = time.perf_counter(), 0
+    for _ in range(cfg.max_new_tokens):
+        token = sample_next(last, cfg, generator)  # [B]
+        for row in (~done).nonzero().flatten().tolist():
+            out[row].append(int(token[row]))
+            if on_token is not None:
+                on_token(row, int(token[row]))
+        if cfg.stop_at_eos and eos_id is not None:
+            done |= token == eos_id
+        if bool(done.all()) or steps + 1 == cfg.max_new_tokens:
+            steps += 1
+            break
+        token = torch.where(done, pad_id, token)
+        last = model(token[:, None], cache=cache, attention_mask=~done[:, None])[:, -1]
+        steps += 1
+    decode_s = time.perf_counter() - start
+    return Generation(
+        out, int(mask.sum()), prefill_s, decode_s, steps, [bool(d) for d in done.tolist()]
+    )
+
+
+__all__ = ["Generation", "SamplingConfig", "generate", "left_pad", "sample_next"]
