@@ -40,8 +40,8 @@ FULL_TOKENS = 32768  # the demo pair: about a minute on 2 idle CPU cores
 CHUNK = 512  # tokens read out at once: bounds the [N, V] log-probability temporaries
 ARMS = ("engram", "baseline")
 PAPER_CLAIM = (
-    "LogitLens KL(final || layer) is lower in the early layers of Engram-27B than of MoE-27B "
-    ": the early layers settle on the final prediction sooner."
+    "LogitLens KL(final || layer) is lower in the early layers of Engram-27B than of MoE-27B: "
+    "the early layers settle on the final prediction sooner."
 )
 
 HELP = "per-layer early-exit KL to the final prediction, Engram vs baseline"

@@ -142,12 +142,12 @@ def cached_chunk(
         )
     order, pads = None, None
     real = torch.ones_like(ids, dtype=torch.bool)
-    if attention_mask is not None:
-        if attention_mask.shape != ids.shape:
-            raise ValueError(
-                f"attention_mask must have the shape of ids {list(ids.shape)}, got "
-                f"{list(attention_mask.shape)}"
-            )
+    if attention_mask is not None and attention_mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of ids {list(ids.shape)}, got "
+            f"{list(attention_mask.shape)}"
+        )
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
         mask = attention_mask.bool()
         # A stable sort on "is real" moves pads to the front and keeps real tokens in order.
         order = torch.sort(mask.int(), dim=1, stable=True).indices  # [B, T]

@@ -1,0 +1,146 @@
+"""Cached decoding speed: the Engram model vs the same backbone without Engram, in one run.
+
+Two measurements, both with the decoding cache (K/V, N-gram history, conv windows):
+
+1. Decode tokens/s at batch 1 and batch 8 after a 128-token prompt, Engram vs no Engram (the
+   `demo` preset's backbone with the same experts; Engram at block 1 with the preset's table).
+   Steps of the two models are interleaved so that machine noise hits both alike.
+2. Time per decode step as the context grows from 128 to 4096 tokens, with Engram on and
+   switched off on the same cached sequence: (on - off) is the Engram work of a step (hashing
+   one token against the N-gram history, one row per head, projections, gate, conv over its
+   window). It should stay flat while attention over the growing cache gets dearer.
+
+The last line of output is one JSON record (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engram.experiments.report import machine_info
+from engram.hashing import NgramHasher
+from engram.model import EngramLM, model_preset
+from engram.spec import resolve
+from engram.train import get_tokenizer
+from engram.vocab import compress
+
+
+def build(engram: bool, tok, vocab, max_len: int) -> EngramLM:
+    config = model_preset("demo").with_(vocab_size=tok.vocab_size, max_seq_len=max_len)
+    torch.manual_seed(0)
+    if not engram:
+        return EngramLM(config.with_(engram=None)).eval()
+    spec = resolve(config.engram.spec, tokenizer=tok, vocab=vocab, pad_id=tok.pad_id)
+    return EngramLM(config, spec, NgramHasher(spec, vocab)).eval()
+
+
+@torch.no_grad()
+def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int) -> dict:
+    """Median decode tokens/s of each model, interleaved, from the same prompt."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4000, (batch, prompt), generator=gen)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(repeats + 1):  # the first round warms up
+        for name in list(models) if r % 2 == 0 else list(reversed(models)):
+            model = models[name]
+            cache = model.new_cache(batch, prompt + steps)
+            logits = model(ids, cache=cache)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            if r > 0:
+                rates[name].append(batch * steps / (time.perf_counter() - t0))
+    return {name: statistics.median(v) for name, v in rates.items()}
+
+
+@torch.no_grad()
+def step_times(model: EngramLM, contexts: list[int], repeats: int) -> list[dict]:
+    """Per-step time at each context length, Engram on vs off on the same cache."""
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for ctx in contexts:
+        ids = torch.randint(0, 4000, (1, ctx), generator=gen)
+        cache = model.new_cache(1, ctx + 2 * repeats + 4)
+        model(ids, cache=cache)
+        token = torch.tensor([[7]])
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(2 * repeats + 2):
+            off = r % 2 == 1
+            t0 = time.perf_counter()
+            model(token, cache=cache, engram_off=off)
+            if r >= 2:
+                times[off].append(time.perf_counter() - t0)
+        on, off = statistics.median(times[False]), statistics.median(times[True])
+        rows.append(
+            {
+                "context": ctx,
+                "step_ms": on * 1e3,
+                "engram_off_ms": off * 1e3,
+                "engram_ms": (on - off) * 1e3,
+                "engram_share": (on - off) / on,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--contexts", default="128,512,1024,2048,4096")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
+    args = ap.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+
+    tok = get_tokenizer("bpe:4096", "default")
+    vocab = compress(tok)
+    max_len = max(contexts) + 6 * args.repeats + 8  # room for step_times()
+    models = {
+        "with": build(True, tok, vocab, max_len),
+        "without": build(False, tok, vocab, max_len),
+    }
+
+    results: dict = {"decode": {}}
+    for batch in (1, 8):
+        rate = decode_rate(models, batch, 128, args.steps, args.repeats)
+        ratio = rate["with"] / rate["without"]
+        results["decode"][f"batch_{batch}"] = {**rate, "ratio": ratio}
+        print(
+            f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
+            f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f}"
+        )
+    results["step_times"] = step_times(models["with"], contexts, 3 * args.repeats)
+    print(f"\n{'context':>8}{'step ms':>10}{'off ms':>10}{'Engram ms':>11}{'share':>8}")
+    for r in results["step_times"]:
+        print(
+            f"{r['context']:>8}{r['step_ms']:>10.2f}{r['engram_off_ms']:>10.2f}"
+            f"{r['engram_ms']:>11.3f}{r['engram_share']:>8.3f}"
+        )
+    record = {
+        "benchmark": "decode",
+        "machine": machine_info(),
+        "config": {
+            "preset": "demo",
+            "prompt": 128,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "contexts": contexts,
+            "tokenizer": "bpe:4096",
+        },
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Hugging Face transformers integration (the `hf` extra: pip install engram-lm[hf]).
+
+- `EngramForCausalLM` / `EngramConfig` (alias `EngramHFConfig`): our LM as a `PreTrainedModel`,
+  with `save_pretrained` / `from_pretrained` and exact cached `generate()`.
+- `add_engram(model, spec, tokenizer, layers=...)`: Engram memory attached to an existing Llama,
+  Qwen2, Qwen3 or Mistral model, with its N-gram history and conv windows in the model's cache;
+  `save_engram` / `load_engram` keep the added parameters apart from the base weights.
+"""
+
+from engram.hf.attach import (
+    SUPPORTED,
+    EngramAttachment,
+    add_engram,
+    as_engram_tokenizer,
+    engram_param_groups,
+    engram_parameters,
+    freeze_backbone,
+    get_attachment,
+    load_engram,
+    save_engram,
+)
+from engram.hf.causal_lm import EngramCache, EngramConfig, EngramForCausalLM
+
+EngramHFConfig = EngramConfig  # unambiguous beside engram.module.EngramConfig (the module's)
+
+__all__ = [
+    "SUPPORTED",
+    "EngramAttachment",
+    "EngramCache",
+    "EngramConfig",
+    "EngramForCausalLM",
+    "EngramHFConfig",
+    "add_engram",
+    "as_engram_tokenizer",
+    "engram_param_groups",
+    "engram_parameters",
+    "freeze_backbone",
+    "get_attachment",
+    "load_engram",
+    "save_engram",
+]
