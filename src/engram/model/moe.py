@@ -44,11 +44,19 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
         # 2. Each expert processes the tokens routed to it: out [N, d]
+        # Assignments sorted by expert (stable: by token, then slot, within an expert, the order
+        # nonzero() would give); one host sync for the counts instead of one per expert.
+        k = self.config.top_k
+        order = idx.flatten().argsort(stable=True)  # [N*k]
+        counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = (idx == e).nonzero(as_tuple=True)
-            if token.numel():
+        start = 0
+        for expert, n in zip(self.experts, counts, strict=True):
+            if n:
+                pick = order[start : start + n]
+                token, slot = pick // k, pick % k
                 out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+                start += n
 
         # 3. Shared experts see every token
         if self.shared is not None:
