@@ -192,8 +192,8 @@ class NgramHasher:
                 f"{doc_starts.dtype} {list(doc_starts.shape)}"
             )
         eos = self.spec.eos_id
-        if eos is None:
-            return doc_starts
+        if eos is None or (ids.shape[1] == 1 and doc_starts is None):
+            return doc_starts  # a one-token chunk's EOS predecessor lives in the state
         after_eos = torch.zeros_like(ids, dtype=torch.bool)
         after_eos[:, 1:] = ids[:, :-1] == eos
         if pads is not None:  # a pad may share the EOS id (as in many HF tokenizers)
@@ -203,12 +203,13 @@ class NgramHasher:
 
     def _distance_to_start(
         self, starts: torch.Tensor | None, B: int, T: int, device: torch.device
-    ) -> torch.Tensor:
-        """How many past positions each token may see (the state's K-1 count as visible)."""
+    ) -> torch.Tensor | None:
+        """How many past positions each token may see (the state's K-1 count as visible);
+        None when no token of the chunk starts a document (all of the state is visible)."""
+        if starts is None:
+            return None
         pos = torch.arange(T, device=device).expand(B, T)
         visible = self.spec.max_order - 1
-        if starts is None:
-            return pos + visible
         # Index of the latest start at or before t; -visible where none (the history counts).
         last_start = torch.where(starts, pos, torch.full_like(pos, -visible)).cummax(dim=1).values
         return pos - last_start
@@ -220,7 +221,7 @@ class NgramHasher:
         shifts = []
         for j in range(K):
             s = ext[:, K - 1 - j : K - 1 - j + T]
-            if j > 0:
+            if j > 0 and dist is not None:
                 s = torch.where(dist >= j, s, pad)
             shifts.append(s)
         return torch.stack(shifts)  # [K, B, T]
@@ -248,17 +249,19 @@ class NgramHasher:
         return rows.flatten(1, 2).permute(0, 2, 3, 1)  # [L, B, T, H] (strided view)
 
     def _next_state(
-        self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor, T: int
+        self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor | None, T: int
     ) -> HashState:
         """The K-1 ids that position T will see, with pad past a boundary."""
-        K1 = self.spec.max_order - 1
+        K1, pad, eos = self.spec.max_order - 1, self.spec.canonical_pad_id, self.spec.eos_id
         history = ext[:, T:].clone()  # [B, K-1], oldest first
-        if T == 0:
-            return HashState(history, self.spec.canonical_pad_id)
+        if T == 0 or (dist is None and eos is None):
+            return HashState(history, pad)
+        if dist is None:  # no start in the chunk: all visible, unless it ended with an EOS
+            ended = (ids[:, -1] == eos)[:, None]
+            return HashState(torch.where(ended, pad, history), pad)
         next_dist = dist[:, -1] + 1  # [B]
-        if self.spec.eos_id is not None:
-            next_dist = torch.where(ids[:, -1] == self.spec.eos_id, 0, next_dist)
+        if eos is not None:
+            next_dist = torch.where(ids[:, -1] == eos, 0, next_dist)
         back = torch.arange(K1, 0, -1, device=ids.device)  # column i is K1-i steps back
         visible = back[None, :] <= next_dist[:, None]
-        history = torch.where(visible, history, self.spec.canonical_pad_id)
-        return HashState(history, self.spec.canonical_pad_id)
+        return HashState(torch.where(visible, history, pad), pad)

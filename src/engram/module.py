@@ -104,6 +104,8 @@ class ShortConv(nn.Module):
         B, T, M, d = x.shape
         R, K = self.receptive, self.kernel_size
         z = self.norm(x)  # [B, T, M, d]
+        if T == 1 and pads is None and window is not None:
+            return self._step(z, starts, window)
         if pads is not None:
             is_pad = torch.arange(T, device=x.device)[None, :] < pads[:, None]  # [B, T]
             z = z.masked_fill(is_pad[..., None, None], 0.0)
@@ -122,6 +124,19 @@ class ShortConv(nn.Module):
             y = y + tap * weight[..., k]
         if window is not None:
             window.copy_(_next_window(ext, reach, R))
+        return F.silu(y)
+
+    def _step(self, z: torch.Tensor, starts: torch.Tensor | None, window: torch.Tensor):
+        """One decoding step (T = 1, no pads): the same result in a handful of ops."""
+        past = window.to(z.dtype)  # [B, R, M, d]
+        if starts is not None:  # a token that starts a document sees no past
+            past = past * ~starts[:, :, None, None]
+        ext = torch.cat([past, z], dim=1)  # [B, R + 1, M, d]
+        lags = torch.arange(self.kernel_size - 1, -1, -1, device=z.device) * self.dilation
+        taps = ext.index_select(1, self.receptive - lags)  # [B, K, M, d], tap k reads lag_k
+        weight = self.conv.weight.view(*z.shape[2:], self.kernel_size).to(z.dtype)  # [M, d, K]
+        y = (taps * weight.permute(2, 0, 1)).sum(dim=1, keepdim=True)  # [B, 1, M, d]
+        window.copy_(ext[:, 1:])
         return F.silu(y)
 
 
