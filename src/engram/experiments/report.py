@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,17 +26,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+@functools.cache
+def git_commit() -> str:
+    """The repository's commit when this process first asked: the code a long study runs is the
+    code it loaded at start, even if the checkout moves on while it runs."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or "unknown"
+
+
+git_commit()  # at import, i.e. when a study process starts
+
+
 def machine_info() -> dict[str, Any]:
     """Where a result was measured: enough to tell two machines (and commits) apart."""
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = git_commit()
     return {
         "platform": platform.platform(),
         "processor": cpu_name(),
