@@ -1,0 +1,38 @@
+"""Engram tables beyond accelerator memory: one row-store interface, several placements.
+
+Issue 6 ("Memory beyond RAM"), the storage layer. A table is a `RowStore` of float32 records
+(row value + optimiser state); placements are `DeviceStore`, `HostStore` (pinned), `DiskStore`
+(a sparse memory-mapped file) and `CachedStore` (a bounded hot-row cache in front of any of
+them). `lookup` reads a batch's unique rows differentiably; `RowAdam` / `RowAdagrad` update the
+touched rows in place in their store; `save_tables` / `load_tables` checkpoint them atomically.
+See docs/tables.md. The model core never imports this package: placement is applied from a plan.
+"""
+
+from engram.tables.base import ALL, VALUE, RowStore, StoreStats, TableLayout
+from engram.tables.cache import CachedStore
+from engram.tables.init import RowInit
+from engram.tables.lookup import Lookup, lookup
+from engram.tables.optim import RowAdagrad, RowAdam, RowOptimizer, make_row_optimizer
+from engram.tables.persist import load_tables, save_tables
+from engram.tables.stores import DeviceStore, DiskStore, HostStore
+
+__all__ = [
+    "ALL",
+    "VALUE",
+    "CachedStore",
+    "DeviceStore",
+    "DiskStore",
+    "HostStore",
+    "Lookup",
+    "RowAdagrad",
+    "RowAdam",
+    "RowInit",
+    "RowOptimizer",
+    "RowStore",
+    "StoreStats",
+    "TableLayout",
+    "load_tables",
+    "lookup",
+    "make_row_optimizer",
+    "save_tables",
+]

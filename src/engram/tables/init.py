@@ -1,0 +1,141 @@
+"""Deterministic row initialisation: a row's initial value is a pure function of its id.
+
+A table that lives on disk is materialised lazily: a row costs nothing until it is first written,
+and until then it reads as its initial value. For that value not to depend on *when* (or in what
+order, or in which placement) a row is first touched, it cannot come from a stateful RNG such as
+`nn.init.normal_`; it is computed from a counter instead:
+
+    key     = splitmix64(splitmix64(seed) ^ table_id)                 one stream per table
+    k       = 2 * (row * ceil(dim / 2) + col // 2)                    counter of a pair of columns
+    z1, z2  = outputs k and k + 1 of the SplitMix64 sequence seeded with key
+            = mix(key + (k + 1) * G), mix(key + (k + 2) * G)          G = 0x9E3779B97F4A7C15
+    u1      = ((z1 >> 11) + 1) / 2^53  in (0, 1]     u2 = (z2 >> 11) / 2^53  in [0, 1)
+    value   = std * sqrt(-2 ln u1) * (cos if col is even else sin)(2 pi u2)
+                                                        Box-Muller, float64 math -> float32
+
+SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014)
+passes BigCrush and is a bijection of 64-bit words, so distinct counters never collide. The
+arithmetic runs on numpy uint64 arrays, which wrap modulo 2^64 exactly like the reference C code
+(torch has no full uint64 arithmetic, and its int64 `>>` is arithmetic, not logical). Everything
+runs on the CPU in float64, so every placement (device, host, disk) sees the same bits whatever an
+accelerator's libm does; a device table copies the values over once at construction.
+
+The engram integration uses table_id = the Engram layer id and seed = the run's table seed.
+Legend: U rows, r row dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, SplitMix64's increment
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_CHUNK = 1 << 20  # elements per vectorised pass: bounds the int64/float64 temporaries to ~40 MB
+
+
+def splitmix64_int(x: int) -> int:
+    """SplitMix64's output function on one Python int (exact reference, used for the keys)."""
+    z = (x + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, elementwise on uint64 (numpy wraps modulo 2^64 silently)."""
+    z = x + np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
+def _unit_interval(z: np.ndarray, open_at_zero: bool) -> np.ndarray:
+    """The top 53 bits of z as a float64 in [0, 1), or in (0, 1] (safe for log) if open_at_zero."""
+    top = z >> np.uint64(11)
+    if open_at_zero:
+        top = top + np.uint64(1)
+    return top.astype(np.float64) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class RowInit:
+    """N(0, std) initial rows of one table: `init(rows [U], dim) -> [U, dim]` float32 on the CPU.
+
+    seed: the run's table seed; table_id: which table (the Engram layer id), so that two tables
+    of one run start differently; std: the standard deviation (0 gives zeros).
+    """
+
+    seed: int
+    table_id: int
+    std: float
+
+    def validate(self) -> None:
+        if not isinstance(self.seed, int) or not isinstance(self.table_id, int):
+            raise ValueError(f"seed={self.seed!r} and table_id={self.table_id!r} must be ints")
+        if not (math.isfinite(self.std) and self.std >= 0):
+            raise ValueError(f"std={self.std} must be finite and >= 0")
+
+    @property
+    def key(self) -> int:
+        """The table's SplitMix64 seed (a uint64 value)."""
+        return splitmix64_int(splitmix64_int(self.seed & _MASK64) ^ (self.table_id & _MASK64))
+
+    def __call__(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        """Initial values of `rows` (any order, duplicates allowed): [U] int64 -> [U, dim]."""
+        self.validate()
+        if rows.dtype != torch.int64 or rows.ndim != 1:
+            got = f"{rows.dtype} {list(rows.shape)}"
+            raise ValueError(f"rows must be a 1-D int64 tensor, got {got}")
+        if dim < 1:
+            raise ValueError(f"dim={dim} must be >= 1")
+        rows = rows.cpu()
+        if rows.numel() and int(rows.min()) < 0:
+            raise ValueError(f"row ids must be >= 0, got {int(rows.min())}")
+        out = torch.empty(rows.numel(), dim, dtype=torch.float32)
+        step = max(1, _CHUNK // dim)
+        for start in range(0, rows.numel(), step):
+            out[start : start + step] = self._chunk(rows[start : start + step], dim)
+        return out
+
+    def _chunk(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        pairs = (dim + 1) // 2  # Box-Muller gives two independent normals per pair of uniforms
+        p = np.arange(pairs, dtype=np.uint64)
+        k = np.uint64(2) * (rows.numpy().astype(np.uint64)[:, None] * np.uint64(pairs) + p)
+        # Output k of the sequence seeded with key is mix(key + (k + 1) G); splitmix64 adds one G.
+        state = np.uint64(self.key) + k * np.uint64(_GOLDEN)  # [U, r/2]
+        u1 = _unit_interval(splitmix64(state), open_at_zero=True)
+        u2 = _unit_interval(splitmix64(state + np.uint64(_GOLDEN)), open_at_zero=False)
+        radius = np.sqrt(-2.0 * np.log(u1)) * self.std
+        angle = (2.0 * np.pi) * u2
+        both = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1)
+        flat = both.reshape(rows.numel(), 2 * pairs)[:, :dim]  # col 2j: cos, 2j+1: sin
+        return torch.from_numpy(flat.astype(np.float32))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RowInit:
+        init = cls(seed=int(data["seed"]), table_id=int(data["table_id"]), std=float(data["std"]))
+        init.validate()
+        return init
+
+
+def fill_initial(records: torch.Tensor, init: RowInit, dim: int) -> None:
+    """Write every row's initial value into records[:, :dim] (any device), a chunk at a time.
+
+    Used by the in-memory placements, which materialise the whole table at construction; the
+    values are computed on the CPU (see the module docstring) and copied over.
+    """
+    num_rows = records.shape[0]
+    step = max(1, (_CHUNK * 8) // dim)
+    for start in range(0, num_rows, step):
+        rows = torch.arange(start, min(num_rows, start + step), dtype=torch.int64)
+        records[start : start + rows.numel(), :dim].copy_(init(rows, dim))

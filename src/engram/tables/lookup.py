@@ -1,0 +1,89 @@
+"""The differentiable lookup of one batch's rows from any `RowStore`.
+
+`HashedMemory.lookup` reads `table(rows + offsets)` from an `nn.Embedding` and lets autograd
+produce a gradient for the table. With a table outside autograd's reach (host memory, disk,
+behind a cache) the lookup instead:
+
+    ids      = rows + offsets                           [B, T, H]  global row ids
+    uniq, inv = unique(ids, sorted, inverse)             [U], [B, T, H]  each row read once
+    values   = store.read(uniq) -> device               [U, r]     a leaf tensor (requires grad)
+    e        = embedding(inv, values).flatten(-2)       [B, T, H*r]
+
+After `backward`, `values.grad` [U, r] is the gradient of each *unique* row, summed over its
+duplicates, which `Lookup.grads()` hands with `uniq` to a row-wise optimiser. The gather is
+`F.embedding` over the unique rows, so its backward is the very kernel `nn.Embedding` runs
+(duplicates accumulated in order of occurrence into a zeroed buffer): outputs and gradients are
+bit-identical in fp32 to an `nn.Embedding` of the same table, whatever the placement (tested).
+The leaf is where autograd stops, so no custom `autograd.Function` is needed and the lookup
+composes with everything downstream (checkpointing, compile) like any other input.
+
+Reading rows sorted and unique is also what the stores want: a disk table sees one sequential
+sweep per batch, a cache one residency check per row. From pinned host memory the copy to the
+accelerator is asynchronous (`non_blocking`), ordered on the current stream before any use.
+Legend: B batch, T time, H heads (all orders), r row dim, U unique rows of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engram.tables.base import RowStore
+
+
+@dataclass
+class Lookup:
+    """One batch's read of one table: the output and what its gradient needs."""
+
+    out: torch.Tensor  # e [B, T, H*r]
+    rows: torch.Tensor  # [U] sorted unique global row ids, int64
+    values: torch.Tensor  # [U, r] the rows as read: a leaf, requires grad when training
+    inverse: torch.Tensor  # [B, T, H] index of each (b, t, h) into `rows`
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [U], gradient [U, r] summed over duplicates), for `RowOptimizer.step`."""
+        if self.values.grad is None:
+            raise ValueError(
+                "this lookup has no gradient: call backward on a loss that uses `out` first "
+                "(and look up with gradients enabled)"
+            )
+        return self.rows, self.values.grad
+
+
+def global_ids(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Head-local rows [..., H] plus each head's offset [H] -> global row ids [..., H] int64."""
+    if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int32, torch.int64):
+        got = rows.dtype if isinstance(rows, torch.Tensor) else type(rows)
+        raise ValueError(f"rows must be an int32 or int64 tensor [..., H], got {got}")
+    if offsets.dtype != torch.int64 or offsets.ndim != 1:
+        raise ValueError(f"offsets must be int64 [H], got {offsets.dtype} {list(offsets.shape)}")
+    if rows.ndim < 1 or rows.shape[-1] != offsets.numel():
+        raise ValueError(
+            f"rows {list(rows.shape)} must end in H = {offsets.numel()} (one id per head)"
+        )
+    return rows.to(torch.int64) + offsets.to(rows.device)
+
+
+def lookup(
+    store: RowStore,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    device: str | torch.device | None = None,
+    requires_grad: bool = True,
+) -> Lookup:
+    """Every head's row, concatenated: rows [..., H] (head-local) -> `Lookup.out` [..., H*r].
+
+    `device`: where `out` is computed (default: the device of `rows`). `requires_grad`: build
+    the gradient path (it is also off under `torch.no_grad()`, e.g. for inference).
+    """
+    ids = global_ids(rows, offsets)
+    device = rows.device if device is None else torch.device(device)
+    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    values = store.read(uniq).to(device, non_blocking=True)  # [U, r], range checked by the store
+    if requires_grad and torch.is_grad_enabled():
+        values = values.detach().requires_grad_()
+    inverse = inverse.to(device)
+    out = F.embedding(inverse, values).flatten(start_dim=-2)  # [..., H, r] -> [..., H*r]
+    return Lookup(out=out, rows=uniq, values=values, inverse=inverse)
