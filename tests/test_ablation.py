@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 
 from engram.cli import main
 from engram.config_io import to_dict
-from engram.data import stdlib_files
 from engram.experiments.ablation import AblationConfig, ablation_arms, reference_config
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
@@ -73,12 +71,9 @@ def test_bad_ablation_config():
         AblationConfig(steps=0).validate()
 
 
-def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys):
+def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpus):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, path in enumerate(stdlib_files(max_files=60)):
-        shutil.copy(path, corpus / f"{i:03d}-{path.name}")
+    corpus = stdlib_corpus(60)
     out = tmp_path / "ablation"
     argv = ["study", "ablation", "--quick", "--data", str(corpus), "--out", str(out)]
     assert main(argv) == 0

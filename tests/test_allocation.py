@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 
 from engram.cli import main
-from engram.data import stdlib_files
 from engram.experiments.allocation import AllocationConfig, allocation_arms
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
@@ -34,12 +32,9 @@ def test_bad_sweep_config():
         AllocationConfig(budgets=()).validate()
 
 
-def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys):
+def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpus):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, path in enumerate(stdlib_files(max_files=60)):
-        shutil.copy(path, corpus / f"{i:03d}-{path.name}")
+    corpus = stdlib_corpus(60)
     out = tmp_path / "allocation"
     argv = [
         "study",

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from engram.cli import main
-from engram.data import stdlib_files
 from engram.experiments.cka import (
     HsicAccumulator,
     hsic1_matrix,
@@ -150,7 +148,7 @@ def test_soft_alignment_index():
 
 # ---- the study -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, stdlib_corpus):
     """One quick study through the CLI: trains the tiny Engram/baseline pair the tests share.
 
     Yields inside the patch, so every test of this module reads and writes that cache.
@@ -158,10 +156,7 @@ def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("cka")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGRAM_CACHE_DIR", str(root / "cache"))
-        corpus = root / "corpus"
-        corpus.mkdir()
-        for i, path in enumerate(stdlib_files(max_files=60)):
-            shutil.copy(path, corpus / f"{i:03d}-{path.name}")
+        corpus = stdlib_corpus(60)
         out = root / "quick"
         assert main(["study", "cka", "--quick", "--data", str(corpus), "--out", str(out)]) == 0
         yield {"root": root, "corpus": corpus, "out": out}

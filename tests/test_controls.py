@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from engram.cli import main
-from engram.data import Batch, stdlib_files
+from engram.data import Batch
 from engram.experiments.control_arms import CONTROLS, random_rows, shuffled_table
 from engram.experiments.controls import QUICK, ControlsConfig
 from engram.experiments.token_kinds import classify_pieces, classify_stream, group_table
@@ -132,12 +131,9 @@ def test_bad_config():
     assert main(["study", "controls", "--arms", "zero"]) == 2
 
 
-def test_quick_study_trains_every_control(tmp_path, monkeypatch, capsys):
+def test_quick_study_trains_every_control(tmp_path, monkeypatch, capsys, stdlib_corpus):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, path in enumerate(stdlib_files(max_files=60)):
-        shutil.copy(path, corpus / f"{i:03d}-{path.name}")
+    corpus = stdlib_corpus(60)
     out = tmp_path / "controls"
     argv = ["study", "controls", "--quick", "--data", str(corpus), "--out", str(out)]
     argv += ["--steps", "3", "--eval-tokens", "4096"]

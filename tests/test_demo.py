@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import replace
 
 import pytest
 
 from engram.cli import main
-from engram.data import stdlib_files
 from engram.experiments.demo import QUICK, demo_arms
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
 
 
 @pytest.fixture()
-def corpus(tmp_path, monkeypatch):
+def corpus(tmp_path, monkeypatch, stdlib_corpus):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i, path in enumerate(stdlib_files(max_files=60)):
-        shutil.copy(path, folder / f"{i:03d}-{path.name}")
-    return folder
+    return stdlib_corpus(60)
 
 
 def test_arms_are_iso_parameter():

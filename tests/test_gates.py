@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from engram.cli import main
-from engram.data import stdlib_files
 from engram.experiments.gates import capture_gates, read_texts, token_pieces
 from engram.experiments.gates_view import (
     SCALE,
@@ -139,13 +138,10 @@ def test_layout_and_read_texts(tmp_path: Path):
 
 # ---- the study -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
+def study(tmp_path_factory, stdlib_corpus) -> Path:
     """`engram study gates --quick` on two texts: a tiny model trained for 30 steps."""
     tmp = tmp_path_factory.mktemp("gates")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for i, path in enumerate(stdlib_files(max_files=60)):
-        shutil.copy(path, corpus / f"{i:03d}-{path.name}")
+    corpus = stdlib_corpus(60)
     out = tmp / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGRAM_CACHE_DIR", str(tmp / "cache"))

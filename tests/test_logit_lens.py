@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from engram.cli import main
-from engram.data import stdlib_files
 from engram.experiments.layerwise import (
     QUICK_TOKENS,
     batches,
@@ -24,7 +22,7 @@ from engram.train import evaluate, pick_device
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, stdlib_corpus):
     """One quick study through the CLI: trains the tiny Engram/baseline pair the tests share.
 
     Yields inside the patch, so every test of this module reads and writes that cache.
@@ -32,10 +30,7 @@ def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("logit-lens")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ENGRAM_CACHE_DIR", str(root / "cache"))
-        corpus = root / "corpus"
-        corpus.mkdir()
-        for i, path in enumerate(stdlib_files(max_files=60)):
-            shutil.copy(path, corpus / f"{i:03d}-{path.name}")
+        corpus = stdlib_corpus(60)
         out = root / "quick"
         argv = ["study", "logit-lens", "--quick", "--data", str(corpus), "--out", str(out)]
         assert main(argv) == 0

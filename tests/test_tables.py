@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from engram.module import HashedMemory
+from engram.rowinit import _GOLDEN, _MASK64, RowInit, splitmix64, splitmix64_int
 from engram.tables import persist
 from engram.tables.base import ALL, VALUE, RowStore, TableLayout
 from engram.tables.cache import CachedStore
-from engram.tables.init import _GOLDEN, _MASK64, RowInit, splitmix64, splitmix64_int
 from engram.tables.lookup import lookup
 from engram.tables.optim import RowAdagrad, RowAdam, make_row_optimizer
 from engram.tables.persist import load_tables, save_tables

@@ -11,21 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from small_runs import small_config
 
 from engram.checkpoint import find_checkpoint
 from engram.cli import main, train_config
-from engram.data import stdlib_files
 from engram.train import TrainConfig, load_trained, train
 
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, path in enumerate(stdlib_files(max_files=80)):
-        shutil.copy(path, folder / f"{i:03d}-{path.name}")
-    return folder
+def corpus(stdlib_corpus):
+    return stdlib_corpus(80)
 
 
 @pytest.fixture(autouse=True)
@@ -34,22 +31,7 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def config(corpus, out, **changes) -> TrainConfig:
-    base = train_config(
-        None,
-        [
-            f"data={corpus}",
-            f"out_dir={out}",
-            "tokenizer=bpe:400",
-            "seq_len=32",
-            "batch_size=4",
-            "steps=8",
-            "eval_every=4",
-            "eval_tokens=2048",
-            "progress=false",
-            "optim.warmup_steps=2",
-        ],
-    )
-
+    base = small_config(corpus, out)
     return replace(base, **changes)
 
 

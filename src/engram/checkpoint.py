@@ -5,6 +5,8 @@ A checkpoint is a folder `step-XXXXXXX/` holding
 - `optim.safetensors`: every optimiser state tensor, keyed `"{optimiser}.{param index}.{name}"`;
 - `manifest.json`: format version, step, the run config, the hash spec, the tokenizer fingerprint,
   the loader position, optimiser hyper-parameters, and RNG states;
+- attachments: folders other parts write into the checkpoint before it is committed, e.g.
+  `tables/` for Engram tables held outside the model (`engram.tables.PlacedTables.write`);
 and is first written to a temporary folder, then renamed: a crash mid-write leaves the previous
 checkpoint as `latest`. Never pickle.
 """
@@ -15,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +74,14 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     manifest: dict[str, Any],
     keep: int = 2,
+    attachments: Mapping[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
-    """Write `root/step-XXXXXXX` atomically, point `root/latest` at it, keep the newest `keep`."""
+    """Write `root/step-XXXXXXX` atomically, point `root/latest` at it, keep the newest `keep`.
+
+    Each attachment `name: write` is called with the folder `<checkpoint>/name` (not yet
+    created) while the checkpoint is still temporary; what it returns goes into the manifest
+    under `name`, so the attached files are committed by the same rename as the weights.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -85,12 +94,14 @@ def save_checkpoint(
             tensors.update(t)
             meta[name] = m
         save_file(tensors, str(tmp / "optim.safetensors"))
+        attached = {name: write(tmp / name) for name, write in (attachments or {}).items()}
         full = {
             "format_version": CHECKPOINT_FORMAT,
             "step": step,
             "optimizers": meta,
             "rng": rng_state(),
             **manifest,
+            **attached,
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=1))
         if final.exists():

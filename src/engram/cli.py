@@ -151,6 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     model, tok, config, manifest = load_trained(args.ckpt, device=args.device)
     config = apply_overrides(config, parse_assignments(args.overrides))
+    quantized = _install_tables(model, args.tables) if args.tables else None
     val = build_shard(config.data, "val", tok).tokens
     device = pick_device(args.device)
     report = {
@@ -158,11 +159,53 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "step": manifest["step"],
         "data": config.data,
         "eval_tokens": config.eval_tokens,
+        "quantized": quantized,
     }
     report["val_loss"] = evaluate(model, val, config, device)
     if model.spec is not None:
         report["val_loss_engram_off"] = evaluate(model, val, config, device, engram_off=True)
     print(json.dumps(report))
+
+
+def _install_tables(model, folder: str) -> dict:
+    """Install a quantised-tables folder in `model`; what was installed, for eval's JSON."""
+    from engram.inference.quantized import install_quantized, load_quantized, summary
+
+    stores, meta = load_quantized(folder, model)
+    install_quantized(model, stores)
+    return {"folder": str(folder), **summary(meta)}
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from engram.inference.quantized import (
+        quantization_report,
+        quantize_tables,
+        save_quantized,
+        summary,
+    )
+    from engram.tables.quant import payload_dtype
+    from engram.train import load_trained
+
+    payload_dtype(args.kind)  # an unknown kind fails before the model is loaded
+    if args.block < 0:
+        raise ValueError(f"--block {args.block} must be >= 0 (0: one scale per row)")
+    model, _, _, manifest = load_trained(args.ckpt, device=args.device)
+    stores = quantize_tables(model, args.kind, args.block)
+    report = quantization_report(model, stores)
+    report["source"] = {"ckpt": manifest["path"], "step": manifest["step"]}
+    suffix = f"-b{args.block}" if args.block else ""
+    # Beside the run's checkpoints, not inside one: pruning old checkpoints would delete it.
+    run_dir = Path(manifest["path"]).parent.parent
+    out = Path(args.out or run_dir / f"quantized-{args.kind}{suffix}-step{manifest['step']}")
+    save_quantized(out, stores, report, overwrite=args.overwrite)
+    short = summary(report)
+    errors = ", ".join(f"{k} {v:.3%}" for k, v in short["relative_rms_error"].items())
+    print(f"{out}: {args.kind}, block {args.block or 'per row'}; relative RMS error {errors}")
+    fp32, quant = short["bytes_per_token_fp32"], short["bytes_per_token"]
+    print(
+        f"table bytes per token: fp32 {fp32:,} -> {args.kind} {quant:,} ({quant / fp32:.3f}x); "
+        f"tables {report['table_bytes_fp32']:,} -> {report['table_bytes']:,} bytes"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -330,8 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss of a checkpoint (and with Engram off)")
     p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tables", help="a folder from `engram quantize`: evaluate with its rows")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval_tokens=65536")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="int8/fp8 copies of a checkpoint's Engram tables")
+    p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("--kind", required=True, help="int8 or fp8 (e4m3)")
+    p.add_argument("--block", type=int, default=0, help="columns per scale (0: one per row)")
+    p.add_argument("--out", help="folder (default <run>/quantized-KIND[-bBLOCK]-stepSTEP)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--device", default="cpu", help="where to load and convert the tables")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("generate", help="continue prompts with a trained model (cached decoding)")
     p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")

@@ -24,6 +24,9 @@ Legend: B batch, T time, M branches, d hidden size, H heads (all orders), r row 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.hashing import move_pads_first
+from engram.rowinit import RowInit, fill_initial
 from engram.spec import HashSpec
+
+_LAZY_TABLES: ContextVar[bool] = ContextVar("lazy_tables", default=False)
+
+
+@contextmanager
+def lazy_tables() -> Iterator[None]:
+    """Build models whose Engram tables are not allocated (meta) until a placement decides.
+
+    Inside the block, `HashedMemory` draws its init seed as usual (so every other weight is
+    initialised exactly as without the block) but leaves its embedding on the meta device.
+    """
+    token = _LAZY_TABLES.set(True)
+    try:
+        yield
+    finally:
+        _LAZY_TABLES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -163,19 +183,53 @@ class HashedMemory(nn.Module):
     """One layer's hashed N-gram table: `lookup(rows [B,T,H]) -> e [B,T,D]`.
 
     Shared by `Engram` and its `OverEncoding` baseline, so that both address the same rows.
+
+    Where the rows live is not this module's business. By default they are an `nn.Embedding`
+    (`self.table`). A placement plan (`engram.tables.plan`) may instead install a *row source*,
+    any callable `source(rows [B,T,H], offsets [H]) -> e [B,T,D]`, and drop the embedding: then
+    the rows can sit in host memory or on disk while this module's code stays the same. Under
+    `lazy_tables()` the embedding is built on the meta device, so a table larger than memory is
+    never allocated before the plan decides where it goes.
     """
 
     def __init__(self, spec: HashSpec, layer_id: int, table_init_std: float) -> None:
         super().__init__()
         self.spec, self.layer_id = spec, layer_id
+        # Each row is a pure function of (seed, layer, row): one draw of torch's RNG keeps the
+        # init seeded by torch.manual_seed, and every placement starts from the same bits.
+        seed = int(torch.randint(0, 2**62, ()))
+        self.init = RowInit(seed=seed, table_id=layer_id, std=table_init_std)
         # One table holds every head; head k's rows start at offsets[k].
-        self.table = nn.Embedding(spec.layer_rows(layer_id), spec.row_dim)
-        nn.init.normal_(self.table.weight, std=table_init_std)
+        self.table: nn.Embedding | None = nn.Embedding(
+            spec.layer_rows(layer_id), spec.row_dim, device="meta"
+        )
+        if not _LAZY_TABLES.get():
+            self.materialize_table()
+        self.row_source: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         offsets = torch.tensor(spec.layer_offsets(layer_id), dtype=torch.int64)
         self.register_buffer("offsets", offsets, persistent=False)
 
+    def materialize_table(self) -> None:
+        """Allocate the embedding on the CPU and fill it with the rows' initial values."""
+        if self.table is None:
+            raise ValueError(f"layer {self.layer_id}'s table was handed to a row source")
+        self.table.to_empty(device="cpu")
+        with torch.no_grad():
+            fill_initial(self.table.weight, self.init, self.spec.row_dim)
+
+    def use_row_source(self, source: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Read rows through `source(rows, offsets)` from now on; the embedding is released."""
+        self.row_source, self.table = source, None
+
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Every head's row, concatenated: rows [B, T, H] -> e [B, T, D]."""
+        if self.row_source is not None:
+            return self.row_source(rows, self.offsets)
+        if self.table is None or self.table.weight.is_meta:
+            raise ValueError(
+                f"layer {self.layer_id}'s table has no storage: it was built under "
+                "lazy_tables(); materialize_table() or use_row_source() first"
+            )
         return self.table(rows + self.offsets).flatten(start_dim=-2)
 
     def _check_rows(self, rows: torch.Tensor, leading: tuple[int, ...]) -> None:
@@ -189,7 +243,7 @@ class HashedMemory(nn.Module):
     # ---- accounting ----------------------------------------------------------------------------
     @property
     def table_params(self) -> int:
-        return self.table.weight.numel()
+        return self.spec.layer_rows(self.layer_id) * self.spec.row_dim
 
     @property
     def dense_params(self) -> int:
@@ -202,7 +256,7 @@ class HashedMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"layer={self.layer_id}, rows={self.table.num_embeddings}, "
+            f"layer={self.layer_id}, rows={self.spec.layer_rows(self.layer_id)}, "
             f"heads={self.spec.heads_total}, d_mem={self.spec.d_mem}"
         )
 

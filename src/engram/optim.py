@@ -7,6 +7,10 @@ Two explicit groups, as the paper trains them (section 4):
   updated *sparsely*: the tables produce sparse gradients and `torch.optim.SparseAdam` touches only
   the rows a batch read, together with their moment estimates (lazy Adam).
 `check_groups` asserts that every trainable parameter sits in exactly one group.
+
+Tables placed outside the model by a `TablePlan` (host, disk, or a row-wise Adagrad) are not
+parameters at all: `PlacedTables` steps them with row-wise optimisers at the same rate (base x
+multiplier x schedule), after the torch optimisers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from engram.model.lm import EngramLM
+from engram.tables.placed import PlacedTables
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,14 @@ class Optimizers:
     matrices; AdamW keeps the embeddings, the LM head and every vector.
     """
 
-    def __init__(self, model: EngramLM, config: OptimConfig) -> None:
+    def __init__(
+        self, model: EngramLM, config: OptimConfig, placed: PlacedTables | None = None
+    ) -> None:
         config.validate()
-        self.config = config
-        tables = [e.table.weight for e in model.engram_layers]
+        self.config, self.placed, self.factor = config, placed, 1.0
+        # Tables handed to a row store are no longer parameters; the rest stay embeddings.
+        embedded = [e for e in model.engram_layers if e.table is not None]
+        tables = [e.table.weight for e in embedded]
         table_ids = {id(p) for p in tables}
         muon, decay, no_decay = [], [], []
         for name, p in model.named_parameters():
@@ -99,12 +108,15 @@ class Optimizers:
             )
         self.backbone_params = muon + decay + no_decay
         self.lr_multipliers = dict.fromkeys(self.named, 1.0)
+        self.table_multiplier = (
+            model.config.engram.table_lr_multiplier if model.config.engram else 1.0
+        )
         if tables:
-            for engram in model.engram_layers:
+            for engram in embedded:
                 # A training concern applied from outside: the module itself stays dense-agnostic.
                 engram.table.sparse = config.sparse_tables
             cls = torch.optim.SparseAdam if config.sparse_tables else torch.optim.Adam
-            mult = model.config.engram.table_lr_multiplier
+            mult = self.table_multiplier
             self.named["tables"] = cls(tables, lr=config.lr * mult, betas=betas)
             self.lr_multipliers["tables"] = mult
         check_groups(model, self.all())
@@ -118,6 +130,7 @@ class Optimizers:
         return self.named["adamw"].param_groups[0]["lr"]
 
     def set_lr(self, factor: float) -> None:
+        self.factor = factor
         for name, opt in self.named.items():
             for group in opt.param_groups:
                 group["lr"] = self.config.lr * self.lr_multipliers[name] * factor
@@ -130,6 +143,8 @@ class Optimizers:
         for opt in self.all():
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if self.placed:
+            self.placed.step(self.config.lr * self.table_multiplier * self.factor)
         return norm
 
 

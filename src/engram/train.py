@@ -33,8 +33,11 @@ from engram.config_io import to_dict
 from engram.data import PackedLoader, build_shard, documents, eval_batches
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, ModelConfig, model_preset
+from engram.module import lazy_tables
 from engram.optim import OptimConfig, Optimizers, lr_factor
 from engram.spec import HashSpec, resolve
+from engram.tables.placed import PlacedTables
+from engram.tables.plan import TablePlan
 from engram.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from engram.vocab import cache_dir, compress
 
@@ -43,6 +46,7 @@ from engram.vocab import cache_dir, compress
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
     optim: OptimConfig = field(default_factory=OptimConfig)
+    tables: TablePlan = field(default_factory=TablePlan)  # where each Engram table lives
     tokenizer: str = "bpe:2048"  # "bpe:N" trains a byte-level BPE on the train split
     data: str = "default"
     seq_len: int = 128
@@ -70,6 +74,7 @@ class TrainConfig:
             )
         self.model.validate()
         self.optim.validate()
+        self.tables.validate()
 
 
 # ---- building blocks -----------------------------------------------------------------------------
@@ -178,9 +183,18 @@ class Run:
         self.tokenizer = tok
         # The spec names the run's own tokenizer file relative to the run folder, so a run can
         # be moved or copied and still resume (its fingerprint is what identifies it).
-        self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
+        with lazy_tables():  # the plan decides where each table is allocated
+            self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
+        self.tables = PlacedTables(
+            self.model,
+            config.tables,
+            self.dir / "tables",
+            self.device,
+            betas=(config.optim.beta1, config.optim.beta2),
+            fresh=not resume,
+        )
         self.model.to(self.device)
-        self.optim = Optimizers(self.model, config.optim)
+        self.optim = Optimizers(self.model, config.optim, self.tables)
         self.train_tokens = build_shard(config.data, "train", tok).tokens
         self.val_tokens = build_shard(config.data, "val", tok).tokens
         if len(self.val_tokens) < config.seq_len + 1:  # fail now, not at the first evaluation
@@ -197,11 +211,17 @@ class Run:
             seed=config.seed,
         )
         self.step, self.tokens_seen, self.curve = 0, 0, []
+        self.last_batch = None  # the last batch trained on: the loader may have read ahead
         self.grad_norm, self.routing = 0.0, {}
         self.tensorboard = _tensorboard_writer(self.dir)
         if resume:
             self._resume()
         self._write_run_files()
+
+    @property
+    def label(self) -> str:
+        """How the progress bar names this run."""
+        return Path(self.config.out_dir).name
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -217,7 +237,7 @@ class Run:
             "config": self.resolved,
             "spec": self.spec.to_dict() if self.spec else None,
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
-            "loader": self.loader.state_dict(),
+            "loader": self.loader.state_dict(after=self.last_batch),
             "tokens_seen": self.tokens_seen,
             "curve": self.curve,
         }
@@ -235,15 +255,37 @@ class Run:
         if manifest["config"]["model"] != to_dict(self.model.config):
             raise ValueError("the checkpoint's model config differs from this run's")
         load_checkpoint(manifest["path"], self.model, self.optim.named)
+        if self.tables:
+            self.tables.restore(Path(manifest["path"]) / "tables", manifest["tables"])
         self.loader.load_state_dict(manifest["loader"])
         set_rng_state(manifest["rng"])
         self.step, self.tokens_seen = manifest["step"], manifest["tokens_seen"]
         self.curve = [tuple(p) for p in manifest["curve"]]
 
     def save(self) -> Path:
+        attachments = {"tables": self.tables.write} if self.tables else None
         return save_checkpoint(
-            self.dir / "checkpoints", self.step, self.model, self.optim.named, self._manifest()
+            self.dir / "checkpoints",
+            self.step,
+            self.model,
+            self.optim.named,
+            self._manifest(),
+            attachments=attachments,
         )
+
+    def table_stats(self) -> dict[str, float]:
+        """Hit rates and bytes moved of the placed tables since the last call (for the log)."""
+        out = {}
+        for name, stats in self.tables.stats().items():
+            keys = ("bytes_read", "bytes_written") + (("hit_rate",) if stats["misses"] else ())
+            out.update({f"{name}_{key}": stats[key] for key in keys})
+        for table in self.tables.tables.values():
+            table.store.reset_stats()
+        return out
+
+    def close(self) -> None:
+        self.loader.close()
+        self.tables.close()
 
     def train_step(self, batch) -> float:
         ids, targets, rows = to_device(batch, self.device)
@@ -255,6 +297,7 @@ class Run:
         self.routing = self.model.update_route_biases()  # worst layer's max/min expert load
         self.step += 1
         self.tokens_seen += ids.numel()
+        self.last_batch = batch
         return float(loss.detach())
 
     def log(self, record: dict[str, Any]) -> None:
@@ -265,8 +308,16 @@ class Run:
                 if key != "step" and isinstance(value, int | float):
                     self.tensorboard.add_scalar(key, value, record["step"])
 
+    def transform(self, batch):
+        """The batch as trained on; a subclass may change it (e.g. the table controls' rows)."""
+        return batch
+
+    def evaluate_val(self) -> float:
+        """Validation loss of the model now; a subclass may evaluate differently."""
+        return evaluate(self.model, self.val_tokens, self.config, self.device)
+
     def validate_now(self) -> float:
-        val = evaluate(self.model, self.val_tokens, self.config, self.device)
+        val = self.evaluate_val()
         self.curve.append((self.tokens_seen, val))
         self.log(
             {
@@ -279,24 +330,31 @@ class Run:
         return val
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train to `config.steps`; returns a summary (tokens, val loss, tokens/s, curve)."""
-    run = Run(config, resume=resume)
+def train(config: TrainConfig, resume: bool = False, run: Run | None = None) -> dict[str, Any]:
+    """Train to `config.steps`; returns a summary (tokens, val loss, tokens/s, curve).
+
+    `run`: a prepared `Run` (e.g. a subclass that transforms batches) instead of
+    `Run(config, resume)`; `config` must be its config.
+    """
+    run = Run(config, resume=resume) if run is None else run
     c = config
     bar = tqdm(
         total=c.steps,
         initial=run.step,
         disable=not c.progress,
         file=sys.stderr,
-        desc=Path(c.out_dir).name,
+        desc=run.label,
         dynamic_ncols=True,
         mininterval=2.0,  # keeps logs of non-interactive runs short
     )
     start, start_tokens, losses = time.perf_counter(), run.tokens_seen, []
-    it = iter(run.loader)
+    # Cached tables pin batch n+1's rows in the background while step n computes.
+    it = run.tables.prefetched(run.loader)
     try:
         while run.step < c.steps:
-            losses.append(run.train_step(next(it)))
+            batch, pins = next(it)
+            losses.append(run.train_step(run.transform(batch)))
+            run.tables.release(pins)
             tps = (run.tokens_seen - start_tokens) / max(1e-9, time.perf_counter() - start)
             if run.step % c.log_every == 0 or run.step == c.steps:
                 loss = sum(losses) / len(losses)
@@ -309,6 +367,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
                         "grad_norm": run.grad_norm,
                         "tokens_per_s": tps,
                         **{f"moe_{k}": v for k, v in run.routing.items()},
+                        **run.table_stats(),
                     }
                 )
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -318,16 +377,17 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             if c.ckpt_every and run.step % c.ckpt_every == 0 and run.step < c.steps:
                 run.save()
             bar.update(1)
+        elapsed = time.perf_counter() - start
+        val = (
+            run.validate_now()
+            if not run.curve or run.curve[-1][0] != run.tokens_seen
+            else run.curve[-1][1]
+        )
+        run.save()
     finally:
         bar.close()
-        run.loader.close()
-    elapsed = time.perf_counter() - start
-    val = (
-        run.validate_now()
-        if not run.curve or run.curve[-1][0] != run.tokens_seen
-        else run.curve[-1][1]
-    )
-    run.save()
+        it.close()
+        run.close()
     tokens = run.tokens_seen - start_tokens
     return {
         "out_dir": str(run.dir),
@@ -343,7 +403,12 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 def load_trained(
     path: str | Path, device: str = "auto"
 ) -> tuple[EngramLM, Tokenizer, TrainConfig, dict[str, Any]]:
-    """A trained model from a run folder or checkpoint, checked against its manifest."""
+    """A trained model from a run folder or checkpoint, checked against its manifest.
+
+    Tables the run held outside the model (its `tables` plan) are placed the same way and
+    restored from the checkpoint; disk tables are copied (their written rows only) into a
+    temporary folder removed with the model, so the run's own files are never touched.
+    """
     from engram.config_io import from_dict
 
     manifest = read_manifest(path)
@@ -356,9 +421,48 @@ def load_trained(
         raise ValueError(f"{tok_path} is not the tokenizer this checkpoint was trained with")
     config = from_dict(TrainConfig, manifest["config"])
     spec_tokenizer = (manifest["spec"] or {}).get("tokenizer", str(tok_path))
-    model, spec = build_model(config.model, tok, spec_tokenizer)
+    # Seeded as the run was, so that each table's init (which untouched rows of a placed table
+    # read as) is the run's; the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]), lazy_tables():
+        torch.manual_seed(config.seed)
+        model, spec = build_model(config.model, tok, spec_tokenizer)
     if spec is not None and spec.to_dict() != manifest["spec"]:
         raise ValueError("the checkpoint's hash spec does not match what its config derives")
+    target = pick_device(device)
+    tables = _placed_for_inference(model, config, target)
     load_checkpoint(ckpt, model)
-    model.to(pick_device(device)).eval()
+    if tables:
+        if "tables" not in manifest:
+            raise ValueError(f"checkpoint {ckpt} has no tables/ for its placed Engram tables")
+        tables.restore(ckpt / "tables", manifest["tables"])
+    model.to(target).eval()
     return model, tok, config, manifest
+
+
+def _placed_for_inference(model: EngramLM, config: TrainConfig, device) -> PlacedTables:
+    """The run's table plan, with disk tables in a temporary folder tied to the model's life."""
+    import shutil
+    import tempfile
+    import weakref
+
+    plan, betas = config.tables, (config.optim.beta1, config.optim.beta2)
+    if plan.all_embedded:
+        return PlacedTables(model, plan, ".", device, betas)
+    folder = tempfile.mkdtemp(prefix="engram-tables-")
+    plan = replace(plan, path="", layers=tuple(replace(e, path="") for e in plan.layers))
+    try:
+        tables = PlacedTables(model, plan, folder, device, betas)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    tables.serve_prefetch(model)  # cached tables: fetch a forward's rows before its layers run
+    model.placed_tables = tables  # keeps the stores open as long as the model lives
+    weakref.finalize(model, _drop_tables, tables, folder)
+    return tables
+
+
+def _drop_tables(tables: PlacedTables, folder: str) -> None:
+    import shutil
+
+    tables.close()
+    shutil.rmtree(folder, ignore_errors=True)

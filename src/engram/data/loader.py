@@ -264,9 +264,13 @@ class PackedLoader:
             stream.close()
 
     # ---- resume --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-able position of the next batch to be consumed, with the loader's geometry."""
-        epoch, index = self._next
+    def state_dict(self, after: Batch | None = None) -> dict[str, Any]:
+        """JSON-able position of the next batch to be consumed, with the loader's geometry.
+
+        `after`: the position right after that batch instead, for a consumer that reads ahead
+        (the trainer's table prefetch holds batches the model has not trained on yet).
+        """
+        epoch, index = self._next if after is None else self._advance((after.epoch, after.index))
         return {
             "epoch": epoch,
             "index": index,

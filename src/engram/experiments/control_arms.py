@@ -15,9 +15,9 @@ about its Engram tables, so that a loss difference can be pinned on what the sto
 
 Everything is composed from `engram.train.Run`: the table is frozen after the model is built (a
 parameter without a gradient is skipped by every torch optimiser, SparseAdam included), and the
-rows the loader would hash are replaced batch by batch before the training step. The loop mirrors
-`engram.train.train` (same step, logging, validation and checkpoint), since `train` offers no hook
-for the rows. The evaluation-time controls (shuffled, zeroed, switched-off tables) act on a
+rows the loader would hash are replaced batch by batch before the training step (`ControlRun`, a
+`Run` whose `transform` and `evaluate_val` apply the control inside `engram.train.train`'s own
+loop). The evaluation-time controls (shuffled, zeroed, switched-off tables) act on a
 trained model's weights in place and restore them afterwards.
 
 Axes: B batch, T time, H heads of a layer (order-major), N stream tokens.
@@ -26,9 +26,6 @@ Axes: B batch, T time, H heads of a layer (order-major), N stream tokens.
 from __future__ import annotations
 
 import json
-import math
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -38,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engram.data import Batch, PackedLoader, eval_batches
 from engram.model import EngramLM, ModelConfig
 from engram.spec import HashSpec, SpecConfig
-from engram.train import Run, TrainConfig, autocast_for, evaluate, to_device
+from engram.train import Run, TrainConfig, autocast_for, evaluate, to_device, train
 
 Rows = dict[int, torch.Tensor]  # Engram layer id -> rows [B, T, H]
 ADDRESSINGS = ("hash", "constant", "random")
@@ -174,72 +170,36 @@ def evaluate_control(
     return total / count
 
 
-def _validate(run: Run, control: Control) -> float:
-    val = evaluate_control(run.model, run.val_tokens, run.config, run.device, control)
-    run.curve.append((run.tokens_seen, val))
-    run.log(
-        {"step": run.step, "tokens": run.tokens_seen, "val_loss": val, "val_ppl": math.exp(val)}
-    )
-    return val
+class ControlRun(Run):
+    """A training run under a control: its rows replace the hashed ones, in training and in
+    validation; the loop is `engram.train.train`'s."""
+
+    def __init__(self, config: TrainConfig, control: Control) -> None:
+        control.validate()
+        super().__init__(config)
+        self.control = control
+        control.prepare(self.model)
+        self.loader.close()  # never iterated: rebuilt with the hasher this control needs
+        hasher = self.model.hasher if control.reads_hash else None
+        self.loader = PackedLoader(
+            self.train_tokens, config.seq_len, config.batch_size, hasher, seed=config.seed
+        )
+        (self.dir / "control.json").write_text(json.dumps(control.__dict__, indent=2))
+
+    @property
+    def label(self) -> str:
+        return f"{self.control.name} (seed {self.config.seed})"
+
+    def transform(self, batch: Batch) -> Batch:
+        return self.control.address(batch, self.spec, TRAIN_STREAM)
+
+    def evaluate_val(self) -> float:
+        return evaluate_control(self.model, self.val_tokens, self.config, self.device, self.control)
 
 
 def train_control(config: TrainConfig, control: Control) -> dict[str, Any]:
     """Train one control arm like `engram.train.train`; returns the same summary."""
-    control.validate()
-    run = Run(config)
-    control.prepare(run.model)
-    run.loader.close()  # never iterated: rebuilt with the hasher this control needs
-    hasher = run.model.hasher if control.reads_hash else None
-    run.loader = PackedLoader(
-        run.train_tokens, config.seq_len, config.batch_size, hasher, seed=config.seed
-    )
-    (run.dir / "control.json").write_text(json.dumps(control.__dict__, indent=2))
-    bar = tqdm(
-        total=config.steps,
-        disable=not config.progress,
-        file=sys.stderr,
-        desc=f"{control.name} (seed {config.seed})",
-        dynamic_ncols=True,
-        mininterval=2.0,
-    )
-    start, losses, it = time.perf_counter(), [], iter(run.loader)
-    try:
-        while run.step < config.steps:
-            batch = control.address(next(it), run.spec, TRAIN_STREAM)
-            losses.append(run.train_step(batch))
-            if run.step % config.log_every == 0 or run.step == config.steps:
-                tps = run.tokens_seen / max(1e-9, time.perf_counter() - start)
-                run.log(
-                    {
-                        "step": run.step,
-                        "tokens": run.tokens_seen,
-                        "loss": sum(losses) / len(losses),
-                        "lr": run.optim.lr,
-                        "grad_norm": run.grad_norm,
-                        "tokens_per_s": tps,
-                        **{f"moe_{k}": v for k, v in run.routing.items()},
-                    }
-                )
-                bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", tok_s=f"{tps:,.0f}")
-                losses = []
-            if run.step % config.eval_every == 0 or run.step == config.steps:
-                bar.set_postfix(val=f"{_validate(run, control):.3f}")
-            bar.update(1)
-    finally:
-        bar.close()
-        run.loader.close()
-    elapsed = time.perf_counter() - start
-    run.save()
-    val = run.curve[-1][1]
-    return {
-        "out_dir": str(run.dir),
-        "steps": run.step,
-        "tokens": run.tokens_seen,
-        "val_loss": val,
-        "val_ppl": math.exp(val),
-        "tokens_per_s": run.tokens_seen / elapsed if elapsed > 0 else 0.0,
-        "curve": [list(p) for p in run.curve],
-    }
+    return train(config, run=ControlRun(config, control))
 
 
 # ---- evaluation-time controls --------------------------------------------------------------------

@@ -216,15 +216,15 @@ def forward_with_streams(
 def combined(stream: torch.Tensor) -> torch.Tensor:
     """The single stream [..., d] the model's head reads from branches [..., M, d].
 
-    Mirrors `EngramLM.forward` (the mean over branches); `test_logit_lens` checks that the
-    readout of the last stream reproduces the model's logits, so a change there shows.
+    The mean over branches, as `EngramLM.readout`; `test_logit_lens` checks that the readout of
+    the last stream reproduces the model's logits, so a change there shows.
     """
     return stream.mean(dim=-2)
 
 
 def readout(model: EngramLM, stream: torch.Tensor) -> torch.Tensor:
     """Early-exit logits [..., V] of a stream [..., M, d]: final norm and head, as the model."""
-    return model.head(model.norm(combined(stream)))
+    return model.readout(stream)
 
 
 __all__ = [

@@ -39,7 +39,21 @@ def git_commit() -> str:
     return out or "unknown"
 
 
+@functools.cache
+def worktree_dirty() -> bool | None:
+    """Whether tracked files differed from the commit when this process first asked (None: no
+    git): a result measured on uncommitted code says so."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 git_commit()  # at import, i.e. when a study process starts
+worktree_dirty()
 
 
 def machine_info() -> dict[str, Any]:
@@ -54,6 +68,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "commit": commit,
+        "commit_dirty": worktree_dirty(),
     }
 
 

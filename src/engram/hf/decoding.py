@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from engram.hashing import HashState, NgramHasher
-from engram.model.cache import document_starts
+from engram.model.cache import document_starts, pads_first
 from engram.module import Engram
 
 SNAPSHOTS = 4  # whole forwards that `cache.crop` can undo (generate undoes at most one)
@@ -170,19 +170,13 @@ def prepare_chunk(
     the Engram layers whose rows are kept.
     """
     B, T = ids.shape
-    real = torch.ones_like(ids, dtype=torch.bool)
-    order = pads = None
-    if mask is not None:
-        if mask.ndim != 2 or mask.shape[0] != B or mask.shape[1] < T:
-            raise ValueError(
-                f"Engram needs a 2D attention_mask [B, past + T] with B={B}, T={T}; got "
-                f"{list(mask.shape)} (static caches build 4D masks: use the dynamic cache)"
-            )
-        chunk_mask = mask[:, -T:].to(ids.device).bool()
-        # A stable sort on "is real" moves pads to the front and keeps real tokens in order.
-        order = torch.sort(chunk_mask.int(), dim=1, stable=True).indices  # [B, T]
-        ids, real = ids.gather(1, order), chunk_mask.gather(1, order)
-        pads = (~real).sum(dim=1)
+    if mask is not None and (mask.ndim != 2 or mask.shape[0] != B or mask.shape[1] < T):
+        raise ValueError(
+            f"Engram needs a 2D attention_mask [B, past + T] with B={B}, T={T}; got "
+            f"{list(mask.shape)} (static caches build 4D masks: use the dynamic cache)"
+        )
+    chunk_mask = mask[:, -T:].to(ids.device) if mask is not None else None
+    ids, real, order, pads = pads_first(ids, chunk_mask)
     history = state.hash_state if state is not None else None
     stacked, new_history = hasher.hash_stacked(ids, history, pads=pads)  # [L, B, T, H]
     spec_layers = hasher.spec.layer_ids

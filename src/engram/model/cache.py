@@ -128,6 +128,24 @@ def plain_chunk(ids: torch.Tensor, eos_id: int | None) -> Chunk:
     return Chunk(None, None, real, document_starts(ids, eos_id), None, None)
 
 
+def pads_first(
+    ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(ids, real, order, pads): each row of ids [B, T] with its pads moved to the front.
+
+    order [B, T] is the permutation and pads [B] the leading pads per row; both are None when
+    `mask` (True = a real token) is None or has no pad, and ids come back unchanged.
+    """
+    real = torch.ones_like(ids, dtype=torch.bool)
+    if mask is None or bool(mask.bool().all()):
+        return ids, real, None, None
+    mask = mask.bool()
+    # A stable sort on "is real" moves pads to the front and keeps real tokens in order.
+    order = torch.sort(mask.int(), dim=1, stable=True).indices  # [B, T]
+    ids, real = ids.gather(1, order), mask.gather(1, order)
+    return ids, real, order, (~real).sum(dim=1)
+
+
 def cached_chunk(
     ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: DecodeCache, eos_id: int | None
 ) -> tuple[torch.Tensor, Chunk]:
@@ -140,19 +158,12 @@ def cached_chunk(
             f"the cache has room for {cache.capacity} tokens; {cache.length} are used and the "
             f"chunk adds {T}: build a larger cache"
         )
-    order, pads = None, None
-    real = torch.ones_like(ids, dtype=torch.bool)
     if attention_mask is not None and attention_mask.shape != ids.shape:
         raise ValueError(
             f"attention_mask must have the shape of ids {list(ids.shape)}, got "
             f"{list(attention_mask.shape)}"
         )
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        mask = attention_mask.bool()
-        # A stable sort on "is real" moves pads to the front and keeps real tokens in order.
-        order = torch.sort(mask.int(), dim=1, stable=True).indices  # [B, T]
-        ids, real = ids.gather(1, order), mask.gather(1, order)
-        pads = (~real).sum(dim=1)
+    ids, real, order, pads = pads_first(ids, attention_mask)
     positions = cache.positions[:, None] + (real.cumsum(dim=1) - 1).clamp_min(0)  # [B, T]
     starts = document_starts(ids, eos_id, real, cache.last_eos)
     return ids, Chunk(pads, order, real, starts, positions, _attention_mask(real, cache))
@@ -176,5 +187,6 @@ __all__ = [
     "DecodeCache",
     "cached_chunk",
     "document_starts",
+    "pads_first",
     "plain_chunk",
 ]

@@ -16,6 +16,8 @@ Legend: B batch, T time, M residual branches, d width, V vocabulary, H Engram he
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,6 +123,9 @@ class EngramLM(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()
+        # Set by a table placement (engram.tables) to see each forward's rows before any layer
+        # runs, so that rows of later layers are fetched while earlier layers compute.
+        self.row_prefetch: Callable[[Rows], None] | None = None
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -194,6 +199,8 @@ class EngramLM(nn.Module):
                 rows = self._hash_cached(ids, chunk, cache)
         if rows is None and not engram_off:
             rows = self.hash(ids)
+        if rows is not None and self.row_prefetch is not None:
+            self.row_prefetch(rows)  # a table placement may start fetching every layer's rows
         M = self.config.hc_branches
         x = self.embed(ids)  # [B, T, d]
         if not engram_off:
@@ -204,11 +211,18 @@ class EngramLM(nn.Module):
             x = block(x, rows, chunk, cache, engram_off)
         if cache is not None:
             cache.commit(chunk, ids, eos_id)
-        logits = chunk.restore(self.head(self.norm(x.mean(dim=2))))  # [B, T, V], caller's order
+        logits = chunk.restore(self.readout(x))  # [B, T, V], in the caller's order
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of branch streams x [..., M, d]: their mean, final norm and head.
+
+        Also the early exit of the analyses (logit lens), which read any layer's stream this way.
+        """
+        return self.head(self.norm(x.mean(dim=-2)))
 
     def _hash_cached(self, ids: torch.Tensor, chunk: Chunk, cache: DecodeCache) -> Rows | None:
         if self.spec is None:

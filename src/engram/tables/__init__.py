@@ -5,15 +5,20 @@ Issue 6 ("Memory beyond RAM"), the storage layer. A table is a `RowStore` of flo
 (a sparse memory-mapped file) and `CachedStore` (a bounded hot-row cache in front of any of
 them). `lookup` reads a batch's unique rows differentiably; `RowAdam` / `RowAdagrad` update the
 touched rows in place in their store; `save_tables` / `load_tables` checkpoint them atomically.
+`TablePlan` says where each of a model's tables lives and `PlacedTables` applies it to the
+model; `QuantizedStore` serves int8/fp8 rows for inference.
 See docs/tables.md. The model core never imports this package: placement is applied from a plan.
 """
 
+from engram.rowinit import RowInit
 from engram.tables.base import ALL, VALUE, RowStore, StoreStats, TableLayout
 from engram.tables.cache import CachedStore
-from engram.tables.init import RowInit
 from engram.tables.lookup import Lookup, lookup
 from engram.tables.optim import RowAdagrad, RowAdam, RowOptimizer, make_row_optimizer
 from engram.tables.persist import load_tables, save_tables
+from engram.tables.placed import PlacedTables
+from engram.tables.plan import LayerPlacement, TablePlacement, TablePlan
+from engram.tables.quant import QuantizedStore
 from engram.tables.stores import DeviceStore, DiskStore, HostStore
 
 __all__ = [
@@ -23,7 +28,10 @@ __all__ = [
     "DeviceStore",
     "DiskStore",
     "HostStore",
+    "LayerPlacement",
     "Lookup",
+    "PlacedTables",
+    "QuantizedStore",
     "RowAdagrad",
     "RowAdam",
     "RowInit",
@@ -31,6 +39,8 @@ __all__ = [
     "RowStore",
     "StoreStats",
     "TableLayout",
+    "TablePlacement",
+    "TablePlan",
     "load_tables",
     "lookup",
     "make_row_optimizer",

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from engram.tables.init import RowInit
+from engram.rowinit import RowInit
 
 VALUE = "value"  # the row itself, the first `dim` columns of a record
 ALL = "all"  # the whole record: value and every state slot

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.tables.base import RowStore
+from engram.tables.quant import dequantize
 
 
 @dataclass
@@ -66,6 +67,16 @@ def global_ids(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return rows.to(torch.int64) + offsets.to(rows.device)
 
 
+def _read(store: RowStore, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The rows' values on `device`. A quantised store crosses to another device as stored
+    (int8/fp8 and scales: about a quarter of the bytes) and is dequantised there."""
+    raw = getattr(store, "read_raw", None)
+    if raw is None or device == store.device:
+        return store.read(rows).to(device, non_blocking=True)
+    payload, scales = raw(rows)
+    return dequantize(payload.to(device, non_blocking=True), scales.to(device, non_blocking=True))
+
+
 def lookup(
     store: RowStore,
     rows: torch.Tensor,
@@ -81,7 +92,7 @@ def lookup(
     ids = global_ids(rows, offsets)
     device = rows.device if device is None else torch.device(device)
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    values = store.read(uniq).to(device, non_blocking=True)  # [U, r], range checked by the store
+    values = _read(store, uniq, device)  # [U, r], range checked by the store
     if requires_grad and torch.is_grad_enabled():
         values = values.detach().requires_grad_()
     inverse = inverse.to(device)

@@ -45,11 +45,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engram.rowinit import RowInit, fill_initial
 from engram.tables.base import ALL, RowStore, TableLayout, check_layout
-from engram.tables.init import RowInit, fill_initial
 
 
 def pinning_available() -> bool:
@@ -123,7 +123,7 @@ class TensorStore(RowStore):
                 meta = json.loads((f.metadata() or {})["table"])
                 check_layout(self.layout, meta["layout"], path)
                 records = f.get_tensor("records")
-        except (OSError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as e:
             raise ValueError(f"{path} is not a saved table: {e}") from e
         self._records.copy_(records)
 
@@ -266,6 +266,7 @@ class DiskStore(RowStore):
             raise ValueError(f"{self.path} has {size} bytes, expected {file_size(self.layout)}")
         self._fd = os.open(self.path, os.O_RDWR)
         self._mm = mmap.mmap(self._fd, size)
+        self._mm.madvise(mmap.MADV_RANDOM)  # random rows: no read-around (read_ahead_kb per fault)
         self._touched = np.frombuffer(self._mm, dtype=np.uint8, count=N, offset=PAGE)
         offset = PAGE + _round_up(N, PAGE)
         self._data = np.frombuffer(self._mm, dtype=np.float32, count=N * W, offset=offset)

@@ -20,7 +20,10 @@ arithmetic runs on numpy uint64 arrays, which wrap modulo 2^64 exactly like the 
 runs on the CPU in float64, so every placement (device, host, disk) sees the same bits whatever an
 accelerator's libm does; a device table copies the values over once at construction.
 
-The engram integration uses table_id = the Engram layer id and seed = the run's table seed.
+It lives in the core because every Engram table starts this way (`engram.module.HashedMemory`):
+table_id = the Engram layer id, seed = one draw from torch's RNG at construction. So a model
+trained with its tables on the device, in host memory or on disk (`engram.tables`) starts from
+the same bits, and the dense weights after it draw the same random numbers in every placement.
 Legend: U rows, r row dim.
 """
 

@@ -1,0 +1,308 @@
+"""A model's Engram tables, placed as its `TablePlan` says: stores, row optimisers, prefetch.
+
+`PlacedTables(model, plan, folder, device)` walks `model.engram_layers`. A table whose placement
+is `embedded` (device + adam) stays the model's nn.Embedding and is trained by the torch
+optimiser as before. Every other table gets a `RowStore` (device, host or disk, optionally
+behind a hot-row cache) and a row-wise optimiser, and the module reads it through a row source:
+
+    forward   HashedMemory.lookup(rows) -> source(rows, offsets) -> tables.lookup(store, ...)
+              the Lookup (unique rows, their values as a leaf) is kept until the step
+    backward  autograd fills the leaf's gradient: one summed gradient per unique row
+    step      RowAdam / RowAdagrad update those rows and their state in the store
+
+So training with a table on disk runs the same arithmetic as training it on the device (tested
+bit for bit on fp32). The tables are named `layer{id}` in checkpoints and statistics.
+
+Prefetch (`prefetched(batches)`): a thread takes batch n+1 from the loader and pins its rows in
+every cached table (loading misses from host or disk) while step n computes; the trainer
+releases a batch's pins after its optimiser step, and only then may the thread pin the batch
+after next. So at most two batches are pinned at once (the one training and the next), and a
+cache must hold their rows.
+
+In inference (`serve_prefetch(model)`) the model hands each forward's rows of every layer to a
+background thread before its first layer runs; a layer's row source waits only for its own pin.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engram.module import HashedMemory
+from engram.tables.base import RowStore
+from engram.tables.cache import CachedStore
+from engram.tables.lookup import Lookup, global_ids, lookup
+from engram.tables.optim import RowOptimizer, make_row_optimizer
+from engram.tables.persist import restore_tables, write_tables
+from engram.tables.plan import TablePlacement, TablePlan
+from engram.tables.stores import DeviceStore, DiskStore, HostStore
+
+
+def table_name(layer: int) -> str:
+    return f"layer{layer}"
+
+
+@dataclass
+class PlacedTable:
+    """One table held outside the model: its memory module, store, optimiser and pending reads."""
+
+    memory: HashedMemory
+    placement: TablePlacement
+    store: RowStore
+    optimizer: RowOptimizer
+    pending: list[Lookup] = field(default_factory=list)
+    inflight: Future | None = None  # inference prefetch: the pin of this forward's rows
+
+    def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The row source installed in the module: e [B, T, D] for rows [B, T, H]."""
+        pinned = self.settle()
+        looked = lookup(self.store, rows, offsets, device=rows.device)
+        if pinned is not None:
+            self.store.unpin(pinned)
+        if looked.values.requires_grad:  # a training forward: keep it for the optimiser step
+            self.pending.append(looked)
+        return looked.out
+
+    def settle(self) -> torch.Tensor | None:
+        """Wait for this table's prefetch, if any; the rows it pinned (to unpin after use)."""
+        inflight, self.inflight = self.inflight, None
+        return inflight.result() if inflight is not None else None
+
+    def step(self, lr: float) -> None:
+        """Update the rows read since the last step from their gradients, then forget them."""
+        grads = [(look.rows, look.values.grad) for look in self.pending]
+        self.pending.clear()
+        grads = [(r, g) for r, g in grads if g is not None]
+        if not grads:  # nothing reached the table (as SparseAdam skips a parameter without grad)
+            return
+        rows, grad = grads[0] if len(grads) == 1 else _merge(grads)
+        self.optimizer.step(self.store, rows, grad, lr)
+
+
+def _pin_and_return(store: CachedStore, ids: torch.Tensor) -> torch.Tensor:
+    store.pin(ids)
+    return ids
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several lookups of one step (e.g. gradient accumulation): one gradient per unique row."""
+    rows = torch.cat([r for r, _ in parts])
+    grads = torch.cat([g for _, g in parts])
+    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    out = grads.new_zeros(uniq.numel(), grads.shape[1])
+    out.index_add_(0, inverse.to(grads.device), grads)
+    return uniq, out
+
+
+class PlacedTables:
+    """Every non-embedded table of `model`, placed by `plan`; `folder` holds disk tables."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: TablePlan,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        betas: tuple[float, float] = (0.9, 0.999),
+        fresh: bool = True,
+    ) -> None:
+        plan.validate()
+        memories: list[HashedMemory] = list(getattr(model, "engram_layers", []))
+        plan.check_layers([m.layer_id for m in memories])
+        self.plan, self.folder, self.device = plan, Path(folder), torch.device(device)
+        self.tables: dict[str, PlacedTable] = {}
+        try:
+            for memory in memories:
+                placement = plan.for_layer(memory.layer_id)
+                if placement.embedded:
+                    if memory.table is not None and memory.table.weight.is_meta:
+                        memory.materialize_table()
+                    continue
+                self._place(memory, placement, betas, fresh)
+        except BaseException:
+            self.close()
+            raise
+
+    def _place(
+        self, memory: HashedMemory, placement: TablePlacement, betas: tuple, fresh: bool
+    ) -> None:
+        name = table_name(memory.layer_id)
+        kind = placement.optimizer
+        optimizer = make_row_optimizer(kind, **({"betas": betas} if kind == "adam" else {}))
+        layout = optimizer.layout(memory.spec.layer_rows(memory.layer_id), memory.spec.row_dim)
+        store = self._store(name, placement, layout, memory, fresh)
+        if placement.cache_rows:
+            store = CachedStore(store, capacity=min(placement.cache_rows, layout.num_rows))
+        if memory.table is not None and not memory.table.weight.is_meta:
+            # A model built with its table (e.g. a trained one being converted): keep its rows.
+            every = torch.arange(layout.num_rows, dtype=torch.int64)
+            store.write(every, memory.table.weight.detach().float().cpu())
+        table = PlacedTable(memory, placement, store, optimizer)
+        memory.use_row_source(table.read)
+        self.tables[name] = table
+
+    def _store(self, name, placement, layout, memory, fresh: bool) -> RowStore:
+        if placement.placement == "device":
+            return DeviceStore(layout, memory.init, self.device)
+        if placement.placement == "host":
+            return HostStore(layout, memory.init)
+        folder = Path(placement.path) if placement.path else self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.table"
+        if path.exists() and not fresh:
+            store = DiskStore(path)  # resumed: the checkpoint's rows are restored into it
+            if store.layout != layout or store.init != memory.init:
+                store.close()
+                raise ValueError(f"{path} does not hold this model's {name} table")
+            return store
+        path.unlink(missing_ok=True)  # the live copy of an earlier run: checkpoints hold theirs
+        return DiskStore.create(path, layout, memory.init)
+
+    # ---- training ----------------------------------------------------------------------------
+    def __bool__(self) -> bool:
+        return bool(self.tables)
+
+    def step(self, lr: float) -> None:
+        """The row optimisers' step at the tables' full rate (base x multiplier x schedule)."""
+        for table in self.tables.values():
+            table.step(lr)
+
+    def zero_grad(self) -> None:
+        for table in self.tables.values():
+            table.pending.clear()
+
+    # ---- prefetch ----------------------------------------------------------------------------
+    def pin(self, rows: dict[int, torch.Tensor] | None) -> list[tuple[CachedStore, torch.Tensor]]:
+        """Pin a batch's rows in every cached, prefetching table; returns what to `release`."""
+        pinned = []
+        for table in self.tables.values():
+            store = table.store
+            if rows is None or not isinstance(store, CachedStore) or not table.placement.prefetch:
+                continue
+            ids = torch.unique(global_ids(rows[table.memory.layer_id], table.memory.offsets))
+            store.pin(ids)
+            pinned.append((store, ids))
+        return pinned
+
+    @staticmethod
+    def release(pinned: list[tuple[CachedStore, torch.Tensor]]) -> None:
+        for store, ids in pinned:
+            store.unpin(ids)
+
+    def prefetched(self, batches: Iterable) -> Iterator[tuple[Any, list]]:
+        """(batch, pins) pairs, batch n+1 pinned in a background thread while n trains."""
+        if not any(
+            isinstance(t.store, CachedStore) and t.placement.prefetch for t in self.tables.values()
+        ):
+            yield from ((batch, []) for batch in batches)
+            return
+        ready: queue.Queue = queue.Queue()
+        room = threading.Semaphore(1)  # batches pinned ahead of the one training: one
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._prefetch_loop, args=(iter(batches), ready, room, stop), daemon=True
+        )
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                room.release()  # the worker may pin batch n+2 while n+1 trains
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    return
+                yield item
+        finally:
+            stop.set()
+            room.release()
+            worker.join()
+            while not ready.empty():  # a batch pinned but never trained: release it
+                item = ready.get()
+                if isinstance(item, tuple):
+                    self.release(item[1])
+
+    def serve_prefetch(self, model: torch.nn.Module) -> None:
+        """Inference: pin each forward's rows of every cached table in a background thread as
+        soon as the model has hashed them, so later layers' rows arrive while earlier layers
+        run (the paper's host-offload overlap). Sets `model.row_prefetch`."""
+        cached = [
+            t
+            for t in self.tables.values()
+            if isinstance(t.store, CachedStore) and t.placement.prefetch
+        ]
+        if not cached:
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-rows")
+
+        def prefetch(rows: dict[int, torch.Tensor]) -> None:
+            for table in cached:
+                stale = table.settle()  # a forward that never reached this table
+                if stale is not None:
+                    table.store.unpin(stale)
+                ids = torch.unique(
+                    global_ids(rows[table.memory.layer_id].cpu(), table.memory.offsets)
+                )
+                table.inflight = self._pool.submit(_pin_and_return, table.store, ids)
+
+        model.row_prefetch = prefetch
+
+    def _prefetch_loop(
+        self,
+        batches: Iterator,
+        ready: queue.Queue,
+        room: threading.Semaphore,
+        stop: threading.Event,
+    ) -> None:
+        try:
+            while True:
+                room.acquire()
+                if stop.is_set():
+                    return
+                batch = next(batches, None)
+                if batch is None:
+                    ready.put(None)
+                    return
+                ready.put((batch, self.pin(batch.rows)))
+        except BaseException as e:  # handed to the consumer, which raises it
+            ready.put(e)
+
+    # ---- checkpoints, statistics ---------------------------------------------------------------
+    def stores(self) -> dict[str, RowStore]:
+        return {name: t.store for name, t in self.tables.items()}
+
+    def write(self, folder: Path) -> dict[str, Any]:
+        """Save every table into `folder` (inside a checkpoint being written); manifest entry."""
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = write_tables(folder, self.stores())
+        states = {name: t.optimizer.state_dict() for name, t in self.tables.items()}
+        return {"entries": entries, "optimizers": states}
+
+    def restore(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Load every table and row-optimiser state from a checkpoint's `folder`."""
+        restore_tables(folder, self.stores(), manifest["entries"])
+        for name, table in self.tables.items():
+            table.optimizer.load_state_dict(manifest["optimizers"][name])
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {name: t.store.stats.as_dict() for name, t in self.tables.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {name: t.store.describe() for name, t in self.tables.items()}
+
+    def flush(self) -> None:
+        for table in self.tables.values():
+            table.store.flush()
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for table in getattr(self, "tables", {}).values():
+            table.store.close()
