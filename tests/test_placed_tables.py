@@ -200,13 +200,16 @@ def test_inference_prefetch_pins_each_forward_and_leaves_nothing_pinned(corpus, 
     model, *_ = load_trained(out)
     table = model.placed_tables.tables["layer1"]
     assert model.row_prefetch is not None
-    ids = torch.randint(0, 300, (2, 24))
+    ids = torch.randint(0, 300, (4, 80))  # 4 x 80 x 4 heads: above PREFETCH_MIN_LOOKUPS
     with torch.no_grad():
         first = model(ids)
-        model.hash(ids)  # a forward that stopped early leaves a stale prefetch behind
-        model.row_prefetch(model.hash(ids))
+        model.row_prefetch(model.hash(ids))  # a forward that stopped early: a stale prefetch
+        assert table.inflight is not None
         again = model(ids)
+        step = model(ids[:, :1])  # a decode-sized forward reads through the cache directly
+        assert table.inflight is None
     assert torch.equal(first, again)
+    assert torch.equal(step, model(ids[:, :1]))
     store = table.store
     store.check_invariants()
     assert int(store._pins.sum()) == 0 and store.stats.hits > 0

@@ -597,3 +597,44 @@ def test_checkpoint_restores_every_placement(kind, tmp_path):
         load_tables(path, {"t": HostStore(TableLayout(30, 2), INIT)})
     if kind in ("disk", "cached"):
         assert (path / "t.table").stat().st_blocks * 512 < 64 << 10  # 3 rows: a few blocks
+
+
+def test_remove_later_hides_at_once_and_frees_in_the_background(tmp_path):
+    from engram.files import TRASH, remove_later, sweep_trash
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "layer1.table").write_bytes(b"x" * 10)
+    worker = remove_later(folder)
+    assert not folder.exists()  # gone for every reader before the delete finishes
+    worker.join(timeout=10)
+    assert not list(tmp_path.iterdir())
+    assert remove_later(tmp_path / "missing") is None
+    left = tmp_path / f"{TRASH}abc-step-0000001"  # what a process that exited first leaves
+    left.mkdir()
+    sweep_trash(tmp_path)
+    for _ in range(100):
+        if not left.exists():
+            break
+        time.sleep(0.05)
+    assert not left.exists()
+
+
+def test_disk_load_replaces_the_live_file_and_frees_the_old_one_later(tmp_path):
+    layout = TableLayout(64, 4, ())
+    live = DiskStore.create(tmp_path / "live.table", layout, INIT)
+    live.write(torch.tensor([3]), torch.full((1, 4), 2.0))
+    saved = tmp_path / "saved.table"
+    live.save(saved)
+    live.write(torch.tensor([3, 5]), torch.full((2, 4), 9.0))
+    live.load(saved)
+    assert live.read(torch.tensor([3, 5])).tolist() == [
+        [2.0] * 4,
+        INIT(torch.tensor([5]), 4)[0].tolist(),
+    ]
+    for _ in range(100):  # the old inode's second link goes away in the background
+        if not list(tmp_path.glob(".trash-*")):
+            break
+        time.sleep(0.05)
+    assert not list(tmp_path.glob(".trash-*"))
+    live.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from engram.files import remove_later, sweep_trash
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
@@ -105,14 +106,15 @@ def save_checkpoint(
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=1))
         if final.exists():
-            shutil.rmtree(final)
+            remove_later(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            remove_later(tmp)
     _write_latest(root, final.name)
+    sweep_trash(root)
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        remove_later(old)  # a checkpoint with disk tables can take minutes to free (engram.files)
     return final
 
 

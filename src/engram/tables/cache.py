@@ -15,8 +15,11 @@ instead of a sketch); every `age_every` row accesses (default 10x the capacity, 
 sample size) all counts are halved, which turns them into a frequency over a sliding horizon;
 and the victim is the resident row of lowest count, the least recently used among equals (most
 of the tail has count 0 or 1, so among cold rows this is LRU). Every miss is admitted: the
-batch needs the row now and its optimiser update follows. Choosing k victims is one vectorised
-`argpartition` over the slots, O(capacity); aging is O(table rows) every 10 x capacity accesses.
+batch needs the row now and its optimiser update follows. Free slots are a stack, so a miss
+takes one in O(1); when it runs dry, one vectorised `argpartition` over the slots (O(capacity))
+evicts at least 1/64 of them at once (`evict_batch`), so the search is paid once per
+capacity/64 misses rather than on every decode step. Aging is O(table rows) every 10 x capacity
+accesses.
 
 Concurrency (one lock, `self._cond`, guards every field below). A row in use is *pinned*
 (`pin`, `unpin`, `pinned`): pinned slots are never evicted. A miss reserves its slot under the
@@ -55,6 +58,7 @@ from engram.tables.stores import pinning_available
 _MAX_FREQ = 255  # counts are one byte per table row
 _AGE_FACTOR = 10  # halve the counts every 10 x capacity accesses (TinyLFU's sample size)
 _EMPTY = np.zeros(0, dtype=np.int64)
+_EVICT_DIVISOR = 64  # a victim search frees at least 1/64 of the slots
 
 
 class CachedStore(RowStore):
@@ -82,6 +86,11 @@ class CachedStore(RowStore):
             capacity, self.layout.width, device=self.device, pin_memory=self._pin_out
         )
         self._slot_row = np.full(capacity, -1, dtype=np.int64)  # [C] row held, -1 = free
+        # The free slots as a stack (slot 0 on top): a miss takes its slot in O(1), and the
+        # O(C) victim search runs once per `evict_batch` evictions, not once per miss.
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
+        self._n_free = capacity
+        self.evict_batch = max(1, capacity // _EVICT_DIVISOR)
         # [N] slot + 1 of each row, 0 = not resident. np.zeros is calloc'd: only the pages
         # holding entries of rows ever cached get allocated, not 4 bytes x every table row.
         self._where = np.zeros(backing.num_rows, dtype=np.int32)
@@ -146,17 +155,26 @@ class CachedStore(RowStore):
         return torch.cat(parts)
 
     def _gather_pinned(self, index: np.ndarray, slot: str) -> torch.Tensor:
+        with self._cond:  # every row resident (a decode step, a prefetched batch): one lock
+            slots = self._where[index].astype(np.int64) - 1
+            if (slots >= 0).all() and not self._loading[slots].any():
+                self._touch(index, slots)
+                self._count(hits=int(index.size))
+                return self._copy_out(slots, slot)
         slots = self._acquire(index)  # pinned for the copy below
         with self._cond:
-            source = self._records[:, self.layout.columns(slot)]
-            at = torch.from_numpy(slots).to(self.device)
-            if self._pin_out:
-                out = torch.empty(slots.size, source.shape[1], pin_memory=True)
-                torch.index_select(source, 0, at, out=out)
-            else:
-                out = source.index_select(0, at)
+            out = self._copy_out(slots, slot)
             self._pins[slots] -= 1
         return out
+
+    def _copy_out(self, slots: np.ndarray, slot: str) -> torch.Tensor:
+        """The records' `slot` columns at `slots` (the caller holds the lock)."""
+        source = self._records[:, self.layout.columns(slot)]
+        at = torch.from_numpy(slots).to(self.device)
+        if not self._pin_out:
+            return source.index_select(0, at)
+        out = torch.empty(slots.size, source.shape[1], pin_memory=True)
+        return torch.index_select(source, 0, at, out=out)
 
     def _scatter(self, rows: torch.Tensor, slot: str, values: torch.Tensor) -> None:
         index = rows.cpu().numpy()
@@ -203,37 +221,40 @@ class CachedStore(RowStore):
 
     def _reserve(self, missing: np.ndarray) -> np.ndarray:
         """Give each missing row a slot, marked loading and pinned by the caller. Holds the lock."""
-        victims = self._choose_victims(missing.size)
-        held = victims[self._slot_row[victims] >= 0]
-        dirty = held[self._dirty[held]]
-        if dirty.size:
-            self._write_back(dirty)  # before the slots are reused (see the module docstring)
-        self._where[self._slot_row[held]] = 0
-        self._count(evictions=int(held.size))
-        self._slot_row[victims] = missing
-        self._where[missing] = (victims + 1).astype(np.int32)
-        self._loading[victims] = True
-        self._pins[victims] = 1
-        self._dirty[victims] = False
-        return victims
+        k = missing.size
+        if self._n_free < k:
+            self._evict(k - self._n_free)
+        slots = self._free[self._n_free - k : self._n_free][::-1].copy()
+        self._n_free -= k
+        self._slot_row[slots] = missing
+        self._where[missing] = (slots + 1).astype(np.int32)
+        self._loading[slots] = True
+        self._pins[slots] = 1
+        self._dirty[slots] = False
+        return slots
 
-    def _choose_victims(self, k: int) -> np.ndarray:
-        """k slots: free ones first, then the unpinned loaded ones of lowest (count, last use)."""
-        free = np.flatnonzero(self._slot_row < 0)
-        if free.size >= k:
-            return free[:k]
-        need = k - free.size
+    def _evict(self, need: int) -> None:
+        """Free at least `need` slots (and up to `evict_batch`): the unpinned loaded rows of
+        lowest (count, last use), dirty ones written back first. Holds the lock."""
         candidates = np.flatnonzero((self._slot_row >= 0) & (self._pins == 0) & ~self._loading)
         if candidates.size < need:
             busy = int(np.count_nonzero(self._pins))
             raise ValueError(
-                f"cache of {self.capacity} rows cannot take {k} new rows: {busy} are pinned or "
-                "loading; the capacity must exceed the rows pinned at once"
+                f"cache of {self.capacity} rows cannot take {need + self._n_free} new rows: "
+                f"{busy} are pinned or loading; the capacity must exceed the rows pinned at once"
             )
+        n = min(candidates.size, max(need, self.evict_batch))
         freq = self._freq[self._slot_row[candidates]].astype(np.int64)
         key = (freq << 40) | self._tick[candidates]  # tick < 2^40: one per access call
-        chosen = candidates[np.argpartition(key, need - 1)[:need]]
-        return np.concatenate([free, chosen])
+        chosen = candidates[np.argpartition(key, n - 1)[:n]] if n < candidates.size else candidates
+        dirty = chosen[self._dirty[chosen]]
+        if dirty.size:
+            self._write_back(dirty)  # before the slots are reused (see the module docstring)
+        self._where[self._slot_row[chosen]] = 0
+        self._slot_row[chosen] = -1
+        self._free[self._n_free : self._n_free + n] = chosen
+        self._n_free += n
+        self._count(evictions=int(n))
 
     def _load(self, missing: np.ndarray, slots: np.ndarray) -> None:
         """Read reserved rows from the backing store (outside the lock) and install them."""
@@ -245,6 +266,8 @@ class CachedStore(RowStore):
                 self._slot_row[slots] = -1
                 self._loading[slots] = False
                 self._pins[slots] = 0
+                self._free[self._n_free : self._n_free + slots.size] = slots
+                self._n_free += slots.size
                 self._cond.notify_all()
             raise
         with self._cond:
@@ -303,6 +326,8 @@ class CachedStore(RowStore):
             held = np.flatnonzero(self._slot_row >= 0)
             self._where[self._slot_row[held]] = 0
             self._slot_row[:] = -1
+            self._free[:] = np.arange(self.capacity - 1, -1, -1)
+            self._n_free = self.capacity
             self._dirty[:] = False
             self.backing.load(path)
 
@@ -329,4 +354,7 @@ class CachedStore(RowStore):
             assert np.count_nonzero(self._where) == held.size, "a row maps to a free slot"
             free = self._slot_row < 0
             assert not (self._pins[free].any() or self._dirty[free].any()), "free slot in use"
+            stack = self._free[: self._n_free]
+            assert np.unique(stack).size == stack.size == free.sum(), "free stack disagrees"
+            assert (self._slot_row[stack] < 0).all(), "a held slot on the free stack"
             assert (self._pins >= 0).all() and (self._pins[self._loading] > 0).all()

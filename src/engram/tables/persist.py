@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engram.files import remove_later, sweep_trash
 from engram.tables.base import RowStore, check_layout
 from engram.tables.stores import fsync_dir
 
@@ -118,8 +119,9 @@ def save_tables(
     _check_names(stores)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    sweep_trash(root)
     for stale in root.glob(".tmp-*"):  # folders a crash left mid-write: never committed
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_later(stale)
     final = root / f"step-{step:07d}"
     if final.exists() and _latest_name(root) == final.name:
         raise ValueError(f"{final} is the latest checkpoint; save a later step")
@@ -130,7 +132,7 @@ def save_tables(
         _write_manifest(tmp, manifest)
         fsync_dir(tmp)
         if final.exists():  # committed by a run that crashed before moving `latest`
-            shutil.rmtree(final)
+            remove_later(final)
         os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
@@ -144,7 +146,7 @@ def save_tables(
 def _prune(root: Path, keep: int, latest: str) -> None:
     older = [p for p in sorted(root.glob("step-*")) if p.name != latest]
     for old in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_later(old)  # freeing a disk table's extents can take minutes: not here
 
 
 def find_tables(path: str | Path) -> Path:

@@ -48,6 +48,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engram.files import delete_in_background, remove_later, trash_name
 from engram.rowinit import RowInit, fill_initial
 from engram.tables.base import ALL, RowStore, TableLayout, check_layout
 
@@ -356,9 +357,15 @@ class DiskStore(RowStore):
                 f"{path} was made with init {header['init']}, this table uses {self.init.to_json()}"
             )
         tmp = self.path.with_name(self.path.name + ".loading")
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            remove_later(tmp)
         copy_sparse(path, tmp)
         self._unmap()
+        # A second link keeps the old blocks alive through the replace, so that freeing them
+        # (slow for a sparse file, see engram.files) happens in the background, not here.
+        old = trash_name(self.path)
+        os.link(self.path, old)
         os.replace(tmp, self.path)  # atomic: the live file is the old table or the new one
         fsync_dir(self.path.parent)
         self._map()
+        delete_in_background(old)
