@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.experiments.arms import ArmSettings, train_arms
+from engram.experiments.arms import ArmSettings, StudyTraining, train_arms
 from engram.experiments.report import machine_info, markdown_table, parse_list, pyplot, write_json
 from engram.model import ModelConfig, model_preset
 from engram.spec import SpecConfig
@@ -139,24 +139,15 @@ def ablation_arms(ref: ModelConfig) -> dict[str, Arm]:
 
 
 @dataclass(frozen=True)
-class AblationConfig:
+class AblationConfig(StudyTraining):
     """The study: which arms, how long each trains, and the reference they are derived from."""
 
     arms: tuple[str, ...] = ()  # () trains every arm; the two baselines are always trained
     # 150 x 16 x 256 = 614k tokens per arm. M = 4 about halves the M = 1 demo's ~4k tokens/s on
     # 2 cores (a 1.9-2.2x slower step, measured), so an arm takes ~5-6 minutes on an idle machine.
     steps: int = 150
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_tokens: int = 131072
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
-    seeds: tuple[int, ...] = (0,)
-    preset: str = "demo"
     hc_branches: int = 4
     out_dir: str = "runs/ablation"
-    reuse: bool = True  # read back finished arms with identical configs instead of retraining
 
     def all_arms(self) -> dict[str, Arm]:
         return ablation_arms(reference_config(self.preset, self.hc_branches))
@@ -170,8 +161,7 @@ class AblationConfig:
     def validate(self) -> None:
         if self.hc_branches < 1:
             raise ValueError(f"hc_branches={self.hc_branches} must be >= 1")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
+        self.validate_training()
         ArmSettings(steps=self.steps).validate()
         unknown = [a for a in self.arms if a not in self.all_arms()]
         if unknown:

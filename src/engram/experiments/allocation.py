@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.experiments.arms import ArmSettings, train_arms
+from engram.experiments.arms import ArmSettings, StudyTraining, train_arms
 from engram.experiments.report import (
     machine_info,
     markdown_table,
@@ -29,27 +29,17 @@ from engram.train import get_tokenizer
 
 
 @dataclass(frozen=True)
-class AllocationConfig:
+class AllocationConfig(StudyTraining):
     rhos: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2)
     budgets: tuple[int, ...] = (150, 300)  # training steps of 16 x 256 tokens
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_tokens: int = 131072
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
-    seeds: tuple[int, ...] = (0,)
-    preset: str = "demo"
     out_dir: str = "runs/allocation"
-    reuse: bool = True  # read back finished points with identical configs instead of retraining
 
     def validate(self) -> None:
         if not self.rhos or any(not 0.0 <= r <= 1.0 for r in self.rhos):
             raise ValueError(f"rhos={list(self.rhos)} must be non-empty and in [0, 1]")
         if not self.budgets or any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets={list(self.budgets)} must be non-empty and >= 1 step")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
+        self.validate_training()
 
     def settings(self, steps: int) -> ArmSettings:
         return ArmSettings.of(self, steps)

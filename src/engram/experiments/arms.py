@@ -26,6 +26,30 @@ SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
+class StudyTraining:
+    """What every training study shares, as the base of its config: the data, the tokens per
+    step, the validation tokens, the learning rate, the seeds and the reference preset.
+
+    The defaults are the CPU-scale runs committed under `results/` (the `demo` preset, 16 x 256
+    tokens per step, 131,072 validation tokens).
+    """
+
+    seq_len: int = 256
+    batch_size: int = 16
+    eval_tokens: int = 131072
+    lr: float = 3e-3
+    tokenizer: str = "bpe:4096"
+    data: str = "default"
+    seeds: tuple[int, ...] = (0,)
+    preset: str = "demo"
+    reuse: bool = True  # read back finished runs with identical configs instead of retraining
+
+    def validate_training(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+
+@dataclass(frozen=True)
 class ArmSettings:
     """What every arm of a study shares (the paper trains all arms on the same tokens)."""
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from engram.config_io import to_dict
 from engram.data import build_shard
-from engram.experiments.arms import SUMMARY, ArmSettings, aggregate, finished_summary
+from engram.experiments.arms import SUMMARY, ArmSettings, StudyTraining, aggregate, finished_summary
 from engram.experiments.control_arms import (
     CONTROLS,
     read_control,
@@ -42,29 +42,19 @@ VARIANTS = ("on", "off", "shuffled", "zeroed")
 
 
 @dataclass(frozen=True)
-class ControlsConfig:
+class ControlsConfig(StudyTraining):
     arms: tuple[str, ...] = tuple(CONTROLS)
     steps: int = 150  # 150 x 16 x 256 = 614k tokens, ~2.5 minutes per demo-size arm on 2 cores
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_tokens: int = 131072
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
-    seeds: tuple[int, ...] = (0,)
-    preset: str = "demo"  # the reference: this preset's MoE backbone with its Engram
     ckpt: str | None = None  # only the evaluation-time controls, on this trained run
     shuffle_seed: int = 0
     device: str = "auto"  # of the evaluation-time controls (training follows TrainConfig)
     out_dir: str = "runs/controls"
-    reuse: bool = True  # read back finished arms with identical configs instead of retraining
 
     def validate(self) -> None:
         unknown = [a for a in self.arms if a not in CONTROLS]
         if unknown or not self.arms:
             raise ValueError(f"arms={list(self.arms)}: choose from {list(CONTROLS)}")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
+        self.validate_training()
         if self.eval_tokens < self.seq_len + 1:
             raise ValueError(f"eval_tokens={self.eval_tokens} must be > seq_len={self.seq_len}")
         self.settings().validate()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.experiments.arms import ArmSettings, train_arms
+from engram.experiments.arms import ArmSettings, StudyTraining, train_arms
 from engram.experiments.report import (
     machine_info,
     markdown_table,
@@ -49,20 +49,11 @@ _PLACEMENT = {"engram": "block", "overencoding": "input"}
 
 
 @dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(StudyTraining):
     slots: tuple[int, ...] = (2**11, 2**12, 2**13, 2**14, 2**15, 2**16)  # requested, per family
     overencoding_slots: tuple[int, ...] = (2**12, 2**14, 2**16)  # a subset of `slots`
     steps: int = 150  # 150 x 16 x 256 = 614k tokens, ~2.5 minutes per arm on 2 cores
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_tokens: int = 131072
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
-    seeds: tuple[int, ...] = (0,)
-    preset: str = "demo"
     out_dir: str = "runs/memory"
-    reuse: bool = True  # read back finished arms with identical configs instead of retraining
 
     def validate(self) -> None:
         engram = model_preset(self.preset).engram
@@ -84,8 +75,7 @@ class MemoryConfig:
             )
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
+        self.validate_training()
 
     @property
     def settings(self) -> ArmSettings:
