@@ -125,7 +125,7 @@ def generate(
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     start, steps = time.perf_counter(), 0
-    for _ in range(cfg.max_new_tokens):
+    for steps in range(1, cfg.max_new_tokens + 1):  # steps: tokens sampled so far
         token = sample_next(last, cfg, generator)  # [B]
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(token[row]))
@@ -133,12 +133,10 @@ def generate(
                 on_token(row, int(token[row]))
         if cfg.stop_at_eos and eos_id is not None:
             done |= token == eos_id
-        if bool(done.all()) or steps + 1 == cfg.max_new_tokens:
-            steps += 1
-            break
+        if bool(done.all()) or steps == cfg.max_new_tokens:
+            break  # no forward for a token nobody will read
         token = torch.where(done, pad_id, token)
         last = model(token[:, None], cache=cache, attention_mask=~done[:, None])[:, -1]
-        steps += 1
     decode_s = time.perf_counter() - start
     return Generation(
         out, int(mask.sum()), prefill_s, decode_s, steps, [bool(d) for d in done.tolist()]
