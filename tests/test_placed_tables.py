@@ -238,3 +238,16 @@ def test_a_crash_while_writing_tables_keeps_the_previous_checkpoint(corpus, tmp_
     assert not list((out / "checkpoints").glob(".tmp-*"))
     resumed = train(config(corpus, out, *plan), resume=True)
     assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_resume_without_a_checkpoint_starts_the_disk_table_fresh(corpus, tmp_path):
+    plan = ["tables.placement=disk"]
+    fresh = train(config(corpus, tmp_path / "fresh", *plan))
+    out = tmp_path / "run"
+    run = Run(config(corpus, out, *plan))  # a run that died before its first checkpoint ...
+    run.close()
+    live = DiskStore(out / "tables/layer1.table")
+    live.write(torch.tensor([0, 1, 2]), torch.full((3, live.dim), 5.0))  # ... with stale rows
+    live.close()
+    again = train(config(corpus, out, *plan), resume=True)
+    assert again["val_loss"] == fresh["val_loss"]

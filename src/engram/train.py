@@ -116,6 +116,14 @@ def build_model(
     return EngramLM(config, spec, NgramHasher(spec, vocab)), spec
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    try:
+        find_checkpoint(run_dir)
+    except ValueError:
+        return False
+    return True
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,7 +199,9 @@ class Run:
             self.dir / "tables",
             self.device,
             betas=(config.optim.beta1, config.optim.beta2),
-            fresh=not resume,
+            # A live disk table is reused only to be overwritten by a checkpoint's: without one
+            # (a run that died before its first save), the table starts fresh.
+            fresh=not (resume and _has_checkpoint(self.dir)),
         )
         self.model.to(self.device)
         self.optim = Optimizers(self.model, config.optim, self.tables)
@@ -243,9 +253,7 @@ class Run:
         }
 
     def _resume(self) -> None:
-        try:
-            find_checkpoint(self.dir)
-        except ValueError:
+        if not _has_checkpoint(self.dir):
             return  # nothing to resume: a fresh run
         manifest = read_manifest(self.dir)  # check compatibility before touching any weights
         if manifest["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
