@@ -107,8 +107,6 @@ def sized_config(
         f"seed={args.seed}",
         f"progress={args.progress}",
     ]
-    if placement == "disk":
-        overrides.append(f"tables.path={folder / 'tables'}")
     config = train_config(None, overrides)
     primes = derive_primes(spec.layer_ids, spec.orders, spec.heads_per_order, base_sizes)
     rows = {f"layer{layer}": int(sum(p)) for layer, p in zip(spec.layer_ids, primes, strict=True)}
@@ -488,7 +486,7 @@ def run_case(
             )
         if placement == "disk":
             for name in sizing["rows"]:
-                live = folder / "tables" / f"{name}.table"
+                live = folder / "run" / "tables" / f"{name}.table"  # the run's default path
                 if live.exists():
                     rec.setdefault("table_files", {})[name] = allocated(live)
         if resume:

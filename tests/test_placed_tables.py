@@ -251,3 +251,15 @@ def test_resume_without_a_checkpoint_starts_the_disk_table_fresh(corpus, tmp_pat
     live.close()
     again = train(config(corpus, out, *plan), resume=True)
     assert again["val_loss"] == fresh["val_loss"]
+
+
+def test_runs_sharing_a_tables_path_keep_their_own_live_files(corpus, tmp_path):
+    shared = tmp_path / "nvme"
+    plan = ["tables.placement=disk", f"tables.path={shared}"]
+    runs = [Run(config(corpus, tmp_path / name, *plan)) for name in ("a", "b")]
+    try:
+        files = sorted(shared.glob("*/layer1.table"))
+        assert len(files) == 2 and files[0].parent != files[1].parent
+    finally:
+        for run in runs:
+            run.close()

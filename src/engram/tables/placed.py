@@ -27,6 +27,7 @@ directly: for a handful of rows the hand-off costs more than it hides.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -161,7 +162,10 @@ class PlacedTables:
             return DeviceStore(layout, memory.init, self.device)
         if placement.placement == "host":
             return HostStore(layout, memory.init)
-        folder = Path(placement.path) if placement.path else self.folder
+        folder = self.folder
+        if placement.path:  # a shared fast drive: one subfolder per run, so runs never collide
+            key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
+            folder = Path(placement.path) / f"{self.folder.parent.name}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
         if path.exists() and not fresh:

@@ -40,7 +40,7 @@ class TablePlacement:
     placement: str = "device"  # device | host | disk
     cache_rows: int = 0  # host/disk: records in a hot-row cache in front (0: no cache)
     optimizer: str = "adam"  # adam | adagrad, row-wise; neither has weight decay (paper)
-    path: str = ""  # disk: folder of the live table files ("" = <run folder>/tables)
+    path: str = ""  # disk: where live tables go ("" = <run>/tables; else a subfolder per run)
     prefetch: bool = True  # cached tables: pin batch n+1's rows while step n computes
 
     def validate(self, where: str = "tables") -> None:
