@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -287,8 +290,7 @@ class Run:
         for name, stats in self.tables.stats().items():
             keys = ("bytes_read", "bytes_written") + (("hit_rate",) if stats["misses"] else ())
             out.update({f"{name}_{key}": stats[key] for key in keys})
-        for table in self.tables.tables.values():
-            table.store.reset_stats()
+        self.tables.reset_stats()
         return out
 
     def close(self) -> None:
@@ -449,10 +451,6 @@ def load_trained(
 
 def _placed_for_inference(model: EngramLM, config: TrainConfig, device) -> PlacedTables:
     """The run's table plan, with disk tables in a temporary folder tied to the model's life."""
-    import shutil
-    import tempfile
-    import weakref
-
     plan, betas = config.tables, (config.optim.beta1, config.optim.beta2)
     if plan.all_embedded:
         return PlacedTables(model, plan, ".", device, betas)
@@ -470,7 +468,5 @@ def _placed_for_inference(model: EngramLM, config: TrainConfig, device) -> Place
 
 
 def _drop_tables(tables: PlacedTables, folder: str) -> None:
-    import shutil
-
     tables.close()
     shutil.rmtree(folder, ignore_errors=True)

@@ -69,6 +69,15 @@ class PlacedTable:
     pending: list[Lookup] = field(default_factory=list)
     inflight: Future | None = None  # inference prefetch: the pin of this forward's rows
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether rows are pinned ahead of use (a cache in front, and the plan asks for it)."""
+        return isinstance(self.store, CachedStore) and self.placement.prefetch
+
+    def unique_ids(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The sorted global ids [U] this table reads for a forward's `rows` (all layers)."""
+        return torch.unique(global_ids(rows[self.memory.layer_id].cpu(), self.memory.offsets))
+
     def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The row source installed in the module: e [B, T, D] for rows [B, T, H]."""
         pinned = self.settle()
@@ -195,14 +204,14 @@ class PlacedTables:
     def pin(self, rows: dict[int, torch.Tensor] | None) -> list[tuple[CachedStore, torch.Tensor]]:
         """Pin a batch's rows in every cached, prefetching table; returns what to `release`."""
         pinned = []
-        for table in self.tables.values():
-            store = table.store
-            if rows is None or not isinstance(store, CachedStore) or not table.placement.prefetch:
-                continue
-            ids = torch.unique(global_ids(rows[table.memory.layer_id], table.memory.offsets))
-            store.pin(ids)
-            pinned.append((store, ids))
+        for table in self._prefetching() if rows is not None else []:
+            ids = table.unique_ids(rows)
+            table.store.pin(ids)
+            pinned.append((table.store, ids))
         return pinned
+
+    def _prefetching(self) -> list[PlacedTable]:
+        return [t for t in self.tables.values() if t.prefetches]
 
     @staticmethod
     def release(pinned: list[tuple[CachedStore, torch.Tensor]]) -> None:
@@ -211,9 +220,7 @@ class PlacedTables:
 
     def prefetched(self, batches: Iterable) -> Iterator[tuple[Any, list]]:
         """(batch, pins) pairs, batch n+1 pinned in a background thread while n trains."""
-        if not any(
-            isinstance(t.store, CachedStore) and t.placement.prefetch for t in self.tables.values()
-        ):
+        if not self._prefetching():
             yield from ((batch, []) for batch in batches)
             return
         ready: queue.Queue = queue.Queue()
@@ -245,11 +252,7 @@ class PlacedTables:
         """Inference: pin each forward's rows of every cached table in a background thread as
         soon as the model has hashed them, so later layers' rows arrive while earlier layers
         run (the paper's host-offload overlap). Sets `model.row_prefetch`."""
-        cached = [
-            t
-            for t in self.tables.values()
-            if isinstance(t.store, CachedStore) and t.placement.prefetch
-        ]
+        cached = self._prefetching()
         if not cached:
             return
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-rows")
@@ -261,9 +264,7 @@ class PlacedTables:
                     table.store.unpin(stale)
                 if rows[table.memory.layer_id].numel() < PREFETCH_MIN_LOOKUPS:
                     continue  # a decode step: the layer reads its few rows through the cache
-                ids = torch.unique(
-                    global_ids(rows[table.memory.layer_id].cpu(), table.memory.offsets)
-                )
+                ids = table.unique_ids(rows)
                 table.inflight = self._pool.submit(_pin_and_return, table.store, ids)
 
         model.row_prefetch = prefetch
@@ -307,6 +308,10 @@ class PlacedTables:
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {name: t.store.stats.as_dict() for name, t in self.tables.items()}
+
+    def reset_stats(self) -> None:
+        for table in self.tables.values():
+            table.store.reset_stats()
 
     def describe(self) -> dict[str, Any]:
         return {name: t.store.describe() for name, t in self.tables.items()}
