@@ -116,6 +116,9 @@ def test_store_rejects_misuse(kind, tmp_path):
         (lambda: store.read(ids(1, 1)), "sorted and unique"),
         (lambda: store.read(ids(10)), "row id 10 is out of range"),
         (lambda: store.read(ids(-1)), "row id -1"),
+        # Unsorted ids are range-checked in full, not at their ends only.
+        (lambda: store.read(ids(2, 10, 3)), "row id 10 is out of range"),
+        (lambda: store.read(ids(2, -5, 3)), "row id -5"),
         (lambda: store.read(torch.tensor([1], dtype=torch.int32)), "int64"),
         (lambda: store.read(ids(1, 2).view(1, 2)), "1-D"),
         (lambda: store.write(ids(1, 2), torch.zeros(2, 5)), r"\[2, 4\]"),

@@ -59,14 +59,6 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _unit_interval(z: np.ndarray, open_at_zero: bool) -> np.ndarray:
-    """The top 53 bits of z as a float64 in [0, 1), or in (0, 1] (safe for log) if open_at_zero."""
-    top = z >> np.uint64(11)
-    if open_at_zero:
-        top = top + np.uint64(1)
-    return top.astype(np.float64) * 2.0**-53
-
-
 @dataclass(frozen=True)
 class RowInit:
     """N(0, std) initial rows of one table: `init(rows [U], dim) -> [U, dim]` float32 on the CPU.
@@ -98,28 +90,36 @@ class RowInit:
             raise ValueError(f"rows must be a 1-D int64 tensor, got {got}")
         if dim < 1:
             raise ValueError(f"dim={dim} must be >= 1")
-        rows = rows.cpu()
-        if rows.numel() and int(rows.min()) < 0:
-            raise ValueError(f"row ids must be >= 0, got {int(rows.min())}")
-        out = torch.empty(rows.numel(), dim, dtype=torch.float32)
+        ids = rows.cpu().numpy()
+        if ids.size and int(ids.min()) < 0:
+            raise ValueError(f"row ids must be >= 0, got {int(ids.min())}")
         step = max(1, _CHUNK // dim)
-        for start in range(0, rows.numel(), step):
-            out[start : start + step] = self._chunk(rows[start : start + step], dim)
+        if ids.size <= step:  # the common case (a batch's rows): no second copy
+            return torch.from_numpy(self._chunk(ids, dim))
+        out = torch.empty(ids.size, dim, dtype=torch.float32)
+        for start in range(0, ids.size, step):
+            part = self._chunk(ids[start : start + step], dim)
+            out[start : start + part.shape[0]] = torch.from_numpy(part)
         return out
 
-    def _chunk(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    def _chunk(self, ids: np.ndarray, dim: int) -> np.ndarray:
+        """[U] row ids -> [U, dim] float32, every SplitMix64 output of the chunk in one pass."""
         pairs = (dim + 1) // 2  # Box-Muller gives two independent normals per pair of uniforms
-        p = np.arange(pairs, dtype=np.uint64)
-        k = np.uint64(2) * (rows.numpy().astype(np.uint64)[:, None] * np.uint64(pairs) + p)
-        # Output k of the sequence seeded with key is mix(key + (k + 1) G); splitmix64 adds one G.
-        state = np.uint64(self.key) + k * np.uint64(_GOLDEN)  # [U, r/2]
-        u1 = _unit_interval(splitmix64(state), open_at_zero=True)
-        u2 = _unit_interval(splitmix64(state + np.uint64(_GOLDEN)), open_at_zero=False)
-        radius = np.sqrt(-2.0 * np.log(u1)) * self.std
-        angle = (2.0 * np.pi) * u2
+        k = ids.astype(np.uint64)[:, None] * np.uint64(pairs) + np.arange(pairs, dtype=np.uint64)
+        k *= np.uint64(2)  # [U, r/2] counter of the pair's first output
+        # Outputs k and k + 1 of the sequence seeded with key: mix(key + (k + 1) G) and
+        # mix(key + (k + 2) G); `splitmix64` adds one G itself.
+        state = k[..., None] + np.arange(2, dtype=np.uint64)  # [U, r/2, 2]
+        state *= np.uint64(_GOLDEN)
+        state += np.uint64(self.key)
+        top = splitmix64(state) >> np.uint64(11)  # the top 53 bits
+        top[..., 0] += np.uint64(1)  # u1 in (0, 1], safe for log; u2 in [0, 1)
+        u = top.astype(np.float64) * 2.0**-53
+        radius = np.sqrt(-2.0 * np.log(u[..., 0])) * self.std
+        angle = (2.0 * np.pi) * u[..., 1]
         both = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1)
-        flat = both.reshape(rows.numel(), 2 * pairs)[:, :dim]  # col 2j: cos, 2j+1: sin
-        return torch.from_numpy(flat.astype(np.float32))
+        flat = both.reshape(ids.size, 2 * pairs)[:, :dim]  # col 2j: cos, 2j+1: sin
+        return flat.astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -119,9 +119,14 @@ def check_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
         raise ValueError(f"rows must be a 1-D int64 tensor, got {got}")
     if rows.numel() == 0:
         return rows
-    # One host transfer for all three checks (a single sync when the ids live on an accelerator).
-    disorder = (rows[1:] <= rows[:-1]).sum()
-    low, high, unordered = torch.stack([rows.min(), rows.max(), disorder]).tolist()
+    if rows.device.type == "cpu":  # numpy: a decode step's handful of ids in ~5 us, not ~20
+        ids = rows.numpy()
+        unordered = bool(ids.size > 1 and not (ids[1:] > ids[:-1]).all())
+        # Sorted ids have their extremes at the ends; unsorted ones get a full scan.
+        low, high = (int(ids.min()), int(ids.max())) if unordered else (int(ids[0]), int(ids[-1]))
+    else:  # one host transfer for all three checks: a single sync with the accelerator
+        disorder = (rows[1:] <= rows[:-1]).sum()
+        low, high, unordered = torch.stack([rows.min(), rows.max(), disorder]).tolist()
     if low < 0 or high >= num_rows:
         bad = low if low < 0 else high
         raise ValueError(f"row id {bad} is out of range [0, {num_rows})")

@@ -156,11 +156,13 @@ class CachedStore(RowStore):
 
     def _gather_pinned(self, index: np.ndarray, slot: str) -> torch.Tensor:
         with self._cond:  # every row resident (a decode step, a prefetched batch): one lock
-            slots = self._where[index].astype(np.int64) - 1
-            if (slots >= 0).all() and not self._loading[slots].any():
-                self._touch(index, slots)
-                self._count(hits=int(index.size))
-                return self._copy_out(slots, slot)
+            where = self._where[index]
+            if where.all():
+                slots = where.astype(np.int64) - 1
+                if not self._loading[slots].any():
+                    self._touch(index, slots)
+                    self._count(hits=int(index.size))
+                    return self._copy_out(slots, slot)
         slots = self._acquire(index)  # pinned for the copy below
         with self._cond:
             out = self._copy_out(slots, slot)
@@ -287,7 +289,8 @@ class CachedStore(RowStore):
 
     def _touch(self, index: np.ndarray, slots: np.ndarray) -> None:
         """Count one access of each row; halve every count each `age_every` accesses."""
-        self._freq[index] = np.minimum(self._freq[index].astype(np.int16) + 1, _MAX_FREQ)
+        counts = self._freq[index]
+        self._freq[index] = counts + (counts < _MAX_FREQ)  # saturating uint8 increment
         self._tick[slots] = self._clock
         self._clock += 1
         self._since_aging += index.size

@@ -289,11 +289,16 @@ class DiskStore(RowStore):
     def _gather(self, rows: torch.Tensor, slot: str) -> torch.Tensor:
         cols = self.layout.columns(slot)
         index = rows.cpu().numpy()
-        out = self._data[index, cols]  # fancy index: a copy [U, w], pages faulted in by the kernel
         fresh = self._touched[index] == 0
-        if fresh.any():
-            # Whatever the file holds there (zeros, normally), an unwritten row is its init.
-            out[fresh] = self._fresh(index[fresh])[:, cols]
+        if not fresh.any():
+            return torch.from_numpy(self._data[index, cols])  # a copy [U, w]; the kernel faults
+        # An unwritten row is its init, whatever the file holds there (zeros, normally); its
+        # page is not even faulted in, so cold reads cost neither a fault nor page cache.
+        out = np.empty((index.size, cols.stop - cols.start), dtype=np.float32)
+        out[fresh] = self._fresh(index[fresh])[:, cols]
+        written = ~fresh
+        if written.any():
+            out[written] = self._data[index[written], cols]
         return torch.from_numpy(out)
 
     def _scatter(self, rows: torch.Tensor, slot: str, values: torch.Tensor) -> None:
