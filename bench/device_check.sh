@@ -9,7 +9,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 echo "== tests"
 timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/test_hashing.py tests/test_module.py \
-  tests/test_model.py tests/test_optim.py tests/test_train.py 2>&1 | tail -3
+  tests/test_model.py tests/test_optim.py tests/test_train.py tests/test_tables.py \
+  tests/test_placed_tables.py 2>&1 | tail -3
 echo "== CUDA training: 60 steps, then resume to 100"
 common="preset=demo tokenizer=bpe:4096 seq_len=256 batch_size=32 eval_every=50 eval_tokens=65536 \
   out_dir=/tmp/gpu-run progress=false device=cuda ckpt_every=60"
@@ -22,3 +23,6 @@ timeout 240 python3 bench/lookup_scaling.py --rows 1e5,1e6,1e7,1e8,1e9 --batch 3
   --out "$OUT/lookup_scaling_cuda.json" | tail -8
 timeout 240 python3 bench/train_throughput.py --batch 64 --seq 512 \
   --out "$OUT/train_throughput_cuda.json" | tail -5
+echo "== table placement on CUDA: host rows copied on a side stream, disk behind a cache"
+timeout 300 python3 bench/table_placement.py --device cuda --steps 30 --warmup 5 \
+  --decode-tokens 100 --out /tmp/bench-placement --json "$OUT/table_placement_cuda.json" | tail -5

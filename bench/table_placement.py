@@ -51,6 +51,7 @@ def configs(args: argparse.Namespace) -> dict:
         f"eval_every={args.steps + 1}",
         "eval_tokens=4096",
         "progress=false",
+        f"device={args.device}",
     ]
     out = {}
     for arm, extra in ARMS.items():
@@ -98,9 +99,10 @@ def train_interleaved(cfgs: dict, args: argparse.Namespace) -> dict:
 
 @torch.no_grad()
 def decode_interleaved(cfgs: dict, args: argparse.Namespace) -> dict:
-    models = {arm: load_trained(cfg.out_dir, device="cpu")[0] for arm, cfg in cfgs.items()}
+    models = {arm: load_trained(cfg.out_dir, device=args.device)[0] for arm, cfg in cfgs.items()}
+    cuda = args.device.startswith("cuda")
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 2000, (1, 64), generator=gen)
+    prompt = torch.randint(0, 2000, (1, 64), generator=gen).to(args.device)
     caches, tokens = {}, {}
     for arm, model in models.items():
         caches[arm] = model.new_cache(1, 64 + args.decode_tokens + 1)
@@ -111,6 +113,8 @@ def decode_interleaved(cfgs: dict, args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             logits = models[arm](tokens[arm], cache=caches[arm])
             tokens[arm] = logits[:, -1].argmax(-1, keepdim=True)
+            if cuda:  # the step's kernels, not just their launch
+                torch.cuda.synchronize()
             times[arm].append(time.perf_counter() - t0)
     same = all(torch.equal(tokens[a], tokens["host"]) for a in ("disk",))
     return {
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/bench-placement")
     p.add_argument("--json", default="bench/results/table_placement.json")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (host rows then cross to it)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

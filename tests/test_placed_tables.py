@@ -14,7 +14,8 @@ from small_runs import small_config
 from engram.checkpoint import read_manifest
 from engram.cli import main
 from engram.module import lazy_tables
-from engram.tables import CachedStore, DiskStore
+from engram.tables import CachedStore, DiskStore, placed
+from engram.tables.lookup import fetch
 from engram.tables.placed import PlacedTables
 from engram.tables.plan import LayerPlacement, TablePlan
 from engram.train import Run, TrainConfig, build_model, get_tokenizer, load_trained, train
@@ -194,15 +195,19 @@ def test_per_layer_entries_override_the_default(corpus, tmp_path):
         run.close()
 
 
-def test_inference_prefetch_pins_each_forward_and_leaves_nothing_pinned(corpus, tmp_path):
+def test_inference_fetches_each_forward_ahead_and_leaves_nothing_pinned(
+    corpus, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
     model, *_ = load_trained(out)
     table = model.placed_tables.tables["layer1"]
     assert model.row_prefetch is not None
+    fetches = count_fetches(monkeypatch)
     ids = torch.randint(0, 300, (4, 80))  # 4 x 80 x 4 heads: above PREFETCH_MIN_LOOKUPS
     with torch.no_grad():
         first = model(ids)
+        assert fetches == [[4, 80, 4]]
         model.row_prefetch(model.hash(ids))  # a forward that stopped early: a stale prefetch
         assert table.inflight is not None
         again = model(ids)
@@ -216,6 +221,49 @@ def test_inference_prefetch_pins_each_forward_and_leaves_nothing_pinned(corpus, 
     model.row_prefetch = None  # the same logits without the prefetch
     with torch.no_grad():
         assert torch.equal(model(ids), first)
+
+
+def count_fetches(monkeypatch) -> list[list[int]]:
+    """The shapes of the ids every fetch ahead reads, as it happens."""
+    calls: list[list[int]] = []
+
+    def counted(store, ids, device, stream):
+        calls.append(list(ids.shape))
+        return fetch(store, ids, device, stream)
+
+    monkeypatch.setattr(placed, "fetch", counted)
+    return calls
+
+
+def test_training_with_rows_fetched_ahead_is_unchanged(corpus, tmp_path, monkeypatch):
+    """What an accelerator does with host or disk tables (read a forward's rows in a thread,
+    copy them on a side stream), forced on the CPU: the same losses and rows to the bit."""
+    plan = ["log_every=1", *PLANS["disk+cache"]]
+    plain = train(config(corpus, tmp_path / "plain", *plan))
+    monkeypatch.setattr(placed, "PREFETCH_MIN_LOOKUPS", 1)  # every forward, evaluation too
+    fetches = count_fetches(monkeypatch)
+    run = Run(config(corpus, tmp_path / "ahead", *plan))
+    assert run.model.row_prefetch is None  # training on the CPU: the batch prefetch suffices
+    run.tables.fetch_ahead(run.model)  # as for tables off the device
+    ahead = train(run.config, run=run)
+    assert len(fetches) >= 6  # one per training forward at least
+    assert ahead["val_loss"] == plain["val_loss"]
+    assert losses(tmp_path / "ahead") == losses(tmp_path / "plain")
+    assert torch.equal(final_table(tmp_path / "ahead"), final_table(tmp_path / "plain"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_copies_host_rows_on_a_side_stream(corpus, tmp_path, monkeypatch):
+    plan = ["log_every=1", "device=cuda", "tables.placement=host"]
+    plain_run = Run(config(corpus, tmp_path / "plain", *plan))
+    plain_run.model.row_prefetch = None  # every read in its layer, on the compute stream
+    plain = train(plain_run.config, run=plain_run)
+    fetches = count_fetches(monkeypatch)
+    run = Run(config(corpus, tmp_path / "ahead", *plan))
+    assert run.model.row_prefetch is not None  # host rows are off the device: fetched ahead
+    ahead = train(run.config, run=run)
+    assert fetches and ahead["val_loss"] == plain["val_loss"]
+    assert losses(tmp_path / "ahead") == losses(tmp_path / "plain")
 
 
 def test_a_crash_while_writing_tables_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):

@@ -207,6 +207,8 @@ class Run:
             fresh=not (resume and _has_checkpoint(self.dir)),
         )
         self.model.to(self.device)
+        # On an accelerator, host and disk tables copy a forward's rows while earlier layers run.
+        self.tables.fetch_ahead(self.model, training=True)
         self.optim = Optimizers(self.model, config.optim, self.tables)
         self.train_tokens = build_shard(config.data, "train", tok).tokens
         self.val_tokens = build_shard(config.data, "val", tok).tokens
@@ -461,7 +463,7 @@ def _placed_for_inference(model: EngramLM, config: TrainConfig, device) -> Place
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    tables.serve_prefetch(model)  # cached tables: fetch a forward's rows before its layers run
+    tables.fetch_ahead(model)  # a forward's rows are read before its layers run
     model.placed_tables = tables  # keeps the stores open as long as the model lives
     weakref.finalize(model, _drop_tables, tables, folder)
     return tables

@@ -189,7 +189,7 @@ def install_quantized(
     """
     check_fit(model, stores)
     if getattr(model, "row_prefetch", None) is not None:
-        # The placement's prefetch pins rows of the float stores for reads that will not come;
+        # The placement's fetch ahead reads the float stores for lookups that will not come;
         # every table is replaced (check_fit), so nothing is left for it to fetch.
         model.row_prefetch = None
     placed = getattr(model, "placed_tables", None)
@@ -201,11 +201,10 @@ def install_quantized(
 
 
 def _retire(table: Any, release: bool) -> None:
-    """Finish a placed table's in-flight prefetch (its pins), then close its store if asked."""
+    """Wait for a placed table's fetch in flight, then close its store if asked."""
     settle = getattr(table, "settle", None)
-    pinned = settle() if settle is not None else None
-    if pinned is not None:
-        table.store.unpin(pinned)
+    if settle is not None:
+        settle()
     if release:
         table.store.close()
 

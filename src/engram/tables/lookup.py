@@ -20,6 +20,8 @@ composes with everything downstream (checkpointing, compile) like any other inpu
 Reading rows sorted and unique is also what the stores want: a disk table sees one sequential
 sweep per batch, a cache one residency check per row. From pinned host memory the copy to the
 accelerator is asynchronous (`non_blocking`), ordered on the current stream before any use.
+`fetch` + `finish` split the same lookup in two, so that the read and the copy (on a CUDA side
+stream) can run in a background thread while earlier layers compute (see `engram.tables.placed`).
 Legend: B batch, T time, H heads (all orders), r row dim, U unique rows of the batch.
 """
 
@@ -93,8 +95,57 @@ def lookup(
     device = rows.device if device is None else torch.device(device)
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     values = _read(store, uniq, device)  # [U, r], range checked by the store
+    return _assemble(uniq, values, inverse.to(device), requires_grad)
+
+
+@dataclass
+class Fetched:
+    """The first half of a lookup, done ahead of its layer (`fetch`): rows read and on their way."""
+
+    rows: torch.Tensor  # [U] sorted unique global row ids, int64, on the CPU
+    inverse: torch.Tensor  # [B, T, H] index of each (b, t, h) into `rows`, on the device
+    values: torch.Tensor  # [U, r] on the device (being copied there while `ready` is pending)
+    ready: torch.cuda.Event | None = None  # end of the copies on a side stream
+
+
+def fetch(
+    store: RowStore, ids: torch.Tensor, device: torch.device, stream: torch.cuda.Stream | None
+) -> Fetched:
+    """Read global `ids` [B, T, H] (CPU) from `store` and start their copy to `device`.
+
+    Meant for a background thread while earlier layers compute: the host-side gather runs here,
+    and with a CUDA `stream` (a side stream) the copies to the device are queued on it, so they
+    overlap the compute stream's kernels instead of waiting behind them. `finish` makes the
+    compute stream wait for them.
+    """
+    uniq, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
+    if stream is None:
+        return Fetched(uniq, inverse.to(device), _read(store, uniq, device))
+    with torch.cuda.stream(stream):  # this thread's current stream: the copies go on it
+        values = _read(store, uniq, device)
+        inverse = inverse.pin_memory().to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return Fetched(uniq, inverse, values, ready)
+
+
+def finish(fetched: Fetched, requires_grad: bool = True) -> Lookup:
+    """The lookup of `fetched` rows, on the current stream: the same `Lookup` as `lookup`."""
+    if fetched.ready is not None:
+        current = torch.cuda.current_stream(fetched.values.device)
+        current.wait_event(fetched.ready)
+        # Made on the side stream, used on this one: the allocator must not reuse their memory
+        # before this stream is done with them.
+        fetched.values.record_stream(current)
+        fetched.inverse.record_stream(current)
+    return _assemble(fetched.rows, fetched.values, fetched.inverse, requires_grad)
+
+
+def _assemble(
+    rows: torch.Tensor, values: torch.Tensor, inverse: torch.Tensor, requires_grad: bool
+) -> Lookup:
+    """out = values[inverse] flattened over heads; `values` a leaf when training."""
     if requires_grad and torch.is_grad_enabled():
         values = values.detach().requires_grad_()
-    inverse = inverse.to(device)
     out = F.embedding(inverse, values).flatten(start_dim=-2)  # [..., H, r] -> [..., H*r]
-    return Lookup(out=out, rows=uniq, values=values, inverse=inverse)
+    return Lookup(out=out, rows=rows, values=values, inverse=inverse)

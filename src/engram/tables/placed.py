@@ -19,10 +19,15 @@ releases a batch's pins after its optimiser step, and only then may the thread p
 after next. So at most two batches are pinned at once (the one training and the next), and a
 cache must hold their rows.
 
-In inference (`serve_prefetch(model)`) the model hands each forward's rows of every layer to a
-background thread before its first layer runs; a layer's row source waits only for its own pin.
-Forwards of fewer than `PREFETCH_MIN_LOOKUPS` lookups (decode steps) read through the cache
-directly: for a handful of rows the hand-off costs more than it hides.
+Fetch ahead (`fetch_ahead(model)`): the model hands each forward's rows of every layer to a
+background thread as soon as it has hashed them, before its first layer runs. The thread reads
+them (from the cache, loading misses) and, on CUDA, starts their copy to the device on a side
+stream; a layer's row source waits only for its own table's fetch, and the compute stream only
+for its copy (`engram.tables.lookup.fetch`/`finish`). So a table's rows arrive while the layers
+before it compute (the paper's host-offload overlap), in inference and, on an accelerator, in
+training (where the batch prefetch above has already made a cache's rows resident). Forwards of
+fewer than `PREFETCH_MIN_LOOKUPS` lookups (decode steps) read in the layer: for a handful of
+rows the hand-off costs more than it hides.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from engram.files import remove_later, sweep_trash
 from engram.module import HashedMemory
 from engram.tables.base import RowStore
 from engram.tables.cache import CachedStore
-from engram.tables.lookup import Lookup, global_ids, lookup
+from engram.tables.lookup import Fetched, Lookup, fetch, finish, global_ids, lookup
 from engram.tables.optim import RowOptimizer, make_row_optimizer
 from engram.tables.persist import restore_tables, write_tables
 from engram.tables.plan import TablePlacement, TablePlan
@@ -67,7 +72,7 @@ class PlacedTable:
     store: RowStore
     optimizer: RowOptimizer
     pending: list[Lookup] = field(default_factory=list)
-    inflight: Future | None = None  # inference prefetch: the pin of this forward's rows
+    inflight: Future | None = None  # fetch ahead: this forward's rows, read (a `Fetched`)
 
     @property
     def prefetches(self) -> bool:
@@ -80,16 +85,21 @@ class PlacedTable:
 
     def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The row source installed in the module: e [B, T, D] for rows [B, T, H]."""
-        pinned = self.settle()
-        looked = lookup(self.store, rows, offsets, device=rows.device)
-        if pinned is not None:
-            self.store.unpin(pinned)
+        fetched = self.settle()
+        if fetched is None:
+            looked = lookup(self.store, rows, offsets, device=rows.device)
+        elif fetched.inverse.shape != rows.shape:  # the hook always sees this forward's rows
+            raise RuntimeError(
+                f"rows fetched ahead for {list(fetched.inverse.shape)}, read for {list(rows.shape)}"
+            )
+        else:
+            looked = finish(fetched)
         if looked.values.requires_grad:  # a training forward: keep it for the optimiser step
             self.pending.append(looked)
         return looked.out
 
-    def settle(self) -> torch.Tensor | None:
-        """Wait for this table's prefetch, if any; the rows it pinned (to unpin after use)."""
+    def settle(self) -> Fetched | None:
+        """Wait for this table's fetch ahead, if any, and take it."""
         inflight, self.inflight = self.inflight, None
         return inflight.result() if inflight is not None else None
 
@@ -104,14 +114,9 @@ class PlacedTable:
         self.optimizer.step(self.store, rows, grad, lr)
 
 
-def _pin_and_return(store: CachedStore, ids: torch.Tensor) -> torch.Tensor:
-    store.pin(ids)
-    return ids
-
-
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Several lookups of one step (e.g. gradient accumulation): one gradient per unique row."""
-    rows = torch.cat([r for r, _ in parts])
+    rows = torch.cat([r.cpu() for r, _ in parts])  # fetched ahead (CPU) or not (the ids' device)
     grads = torch.cat([g for _, g in parts])
     uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
     out = grads.new_zeros(uniq.numel(), grads.shape[1])
@@ -248,26 +253,31 @@ class PlacedTables:
                 if isinstance(item, tuple):
                     self.release(item[1])
 
-    def serve_prefetch(self, model: torch.nn.Module) -> None:
-        """Inference: pin each forward's rows of every cached table in a background thread as
-        soon as the model has hashed them, so later layers' rows arrive while earlier layers
-        run (the paper's host-offload overlap). Sets `model.row_prefetch`."""
-        cached = self._prefetching()
-        if not cached:
+    def fetch_ahead(self, model: torch.nn.Module, training: bool = False) -> None:
+        """Read each forward's rows in a background thread before its layers run (see the
+        module docstring); sets `model.row_prefetch`. Tables fetched: those behind a cache or
+        off the compute device; with `training`, only the latter (the batch prefetch already
+        pins a cache's rows, so on the CPU there is nothing left to hide)."""
+        tables = [t for t in self.tables.values() if self._fetches(t, training)]
+        if not tables:
             return
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-rows")
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-        def prefetch(rows: dict[int, torch.Tensor]) -> None:
-            for table in cached:
-                stale = table.settle()  # a forward that never reached this table
-                if stale is not None:
-                    table.store.unpin(stale)
-                if rows[table.memory.layer_id].numel() < PREFETCH_MIN_LOOKUPS:
-                    continue  # a decode step: the layer reads its few rows through the cache
-                ids = table.unique_ids(rows)
-                table.inflight = self._pool.submit(_pin_and_return, table.store, ids)
+        def hook(rows: dict[int, torch.Tensor]) -> None:
+            for table in tables:
+                table.settle()  # a forward that never reached this table: drop its rows
+                local = rows[table.memory.layer_id]
+                if local.numel() < PREFETCH_MIN_LOOKUPS:
+                    continue  # a decode step: the layer reads its few rows itself
+                ids = global_ids(local.cpu(), table.memory.offsets)
+                table.inflight = self._pool.submit(fetch, table.store, ids, self.device, stream)
 
-        model.row_prefetch = prefetch
+        model.row_prefetch = hook
+
+    def _fetches(self, table: PlacedTable, training: bool) -> bool:
+        off_device = table.store.device != self.device
+        return table.placement.prefetch and (off_device or (table.prefetches and not training))
 
     def _prefetch_loop(
         self,
