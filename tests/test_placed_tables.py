@@ -94,6 +94,22 @@ def test_tables_leave_the_model_and_its_checkpoint(corpus, tmp_path):
         run.close()
 
 
+def test_a_trained_disk_table_is_read_in_place_read_only(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
+    ckpt = Path(read_manifest(out)["path"])
+    saved = (ckpt / "tables/layer1.table").read_bytes()
+    model, *_ = load_trained(out)
+    disk = model.placed_tables.tables["layer1"].store.backing
+    assert disk.read_only and disk.path == ckpt / "tables/layer1.table"  # no copy made
+    with torch.no_grad():
+        model(torch.randint(0, 300, (4, 80)))
+    with pytest.raises(ValueError, match="read-only"):
+        disk.write(torch.tensor([0]), torch.zeros(1, disk.dim))
+    del model  # closes the mapping
+    assert (ckpt / "tables/layer1.table").read_bytes() == saved
+
+
 def test_adagrad_row_optimiser_differs_and_resumes(corpus, tmp_path):
     plan = ["tables.optimizer=adagrad"]  # a device RowStore: not the embedding any more
     adam = train(config(corpus, tmp_path / "adam"))

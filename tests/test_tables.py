@@ -207,6 +207,23 @@ def test_disk_table_files_are_checked(tmp_path):
         other.load(tmp_path / "t.table")
 
 
+def test_a_read_only_disk_table_reads_and_never_writes(tmp_path):
+    layout = RowAdam().layout(50, 4)
+    with DiskStore.create(tmp_path / "t.table", layout, INIT) as live:
+        live.write(ids(3, 7), torch.randn(2, layout.width), ALL)
+        expected = live.read(torch.arange(50), ALL)
+    before = (tmp_path / "t.table").read_bytes()
+    table = CachedStore(DiskStore(tmp_path / "t.table", read_only=True), 8)
+    assert_same(table.read(torch.arange(50), ALL), expected)  # written rows and init rows
+    with pytest.raises(ValueError, match="read-only"):
+        table.backing.write(ids(1), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="read-only"):
+        table.backing.load(tmp_path / "t.table")
+    table.flush()
+    table.close()
+    assert (tmp_path / "t.table").read_bytes() == before
+
+
 # ---- the hot-row cache ---------------------------------------------------------------------------
 def test_cache_writes_dirty_rows_back_on_eviction_and_flush(tmp_path):
     disk = DiskStore.create(tmp_path / "t.table", TableLayout(20, 2), INIT)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 import weakref
 from contextlib import nullcontext
@@ -418,8 +416,8 @@ def load_trained(
     """A trained model from a run folder or checkpoint, checked against its manifest.
 
     Tables the run held outside the model (its `tables` plan) are placed the same way and
-    restored from the checkpoint; disk tables are copied (their written rows only) into a
-    temporary folder removed with the model, so the run's own files are never touched.
+    restored from the checkpoint; disk tables are the checkpoint's own files, mapped read-only
+    (nothing is copied, and the run's files are never written).
     """
     from engram.config_io import from_dict
 
@@ -441,7 +439,7 @@ def load_trained(
     if spec is not None and spec.to_dict() != manifest["spec"]:
         raise ValueError("the checkpoint's hash spec does not match what its config derives")
     target = pick_device(device)
-    tables = _placed_for_inference(model, config, target)
+    tables = _placed_for_inference(model, config, target, ckpt / "tables")
     load_checkpoint(ckpt, model)
     if tables:
         if "tables" not in manifest:
@@ -451,24 +449,17 @@ def load_trained(
     return model, tok, config, manifest
 
 
-def _placed_for_inference(model: EngramLM, config: TrainConfig, device) -> PlacedTables:
-    """The run's table plan, with disk tables in a temporary folder tied to the model's life."""
+def _placed_for_inference(
+    model: EngramLM, config: TrainConfig, device, folder: Path
+) -> PlacedTables:
+    """The run's table plan; disk tables are the checkpoint's own files (`folder`), mapped
+    read-only, and stay open as long as the model lives."""
     plan, betas = config.tables, (config.optim.beta1, config.optim.beta2)
     if plan.all_embedded:
         return PlacedTables(model, plan, ".", device, betas)
-    folder = tempfile.mkdtemp(prefix="engram-tables-")
     plan = replace(plan, path="", layers=tuple(replace(e, path="") for e in plan.layers))
-    try:
-        tables = PlacedTables(model, plan, folder, device, betas)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    tables = PlacedTables(model, plan, folder, device, betas, read_only=True)
     tables.fetch_ahead(model)  # a forward's rows are read before its layers run
     model.placed_tables = tables  # keeps the stores open as long as the model lives
-    weakref.finalize(model, _drop_tables, tables, folder)
+    weakref.finalize(model, tables.close)
     return tables
-
-
-def _drop_tables(tables: PlacedTables, folder: str) -> None:
-    tables.close()
-    shutil.rmtree(folder, ignore_errors=True)

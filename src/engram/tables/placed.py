@@ -45,7 +45,7 @@ import torch
 
 from engram.files import remove_later, sweep_trash
 from engram.module import HashedMemory
-from engram.tables.base import RowStore
+from engram.tables.base import RowStore, TableLayout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import Fetched, Lookup, fetch, finish, global_ids, lookup
 from engram.tables.optim import RowOptimizer, make_row_optimizer
@@ -125,7 +125,11 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor
 
 
 class PlacedTables:
-    """Every non-embedded table of `model`, placed by `plan`; `folder` holds disk tables."""
+    """Every non-embedded table of `model`, placed by `plan`; `folder` holds disk tables.
+
+    `read_only`: `folder` is a checkpoint's `tables/` (for inference): its disk tables are
+    mapped read-only where they lie instead of being copied, and `restore` leaves them be.
+    """
 
     def __init__(
         self,
@@ -135,11 +139,14 @@ class PlacedTables:
         device: str | torch.device = "cpu",
         betas: tuple[float, float] = (0.9, 0.999),
         fresh: bool = True,
+        read_only: bool = False,
     ) -> None:
         plan.validate()
         memories: list[HashedMemory] = list(getattr(model, "engram_layers", []))
         plan.check_layers([m.layer_id for m in memories])
         self.plan, self.folder, self.device = plan, Path(folder), torch.device(device)
+        self.read_only = read_only
+        self.in_place: set[str] = set()  # tables read from `folder` where they lie
         self.tables: dict[str, PlacedTable] = {}
         try:
             for memory in memories:
@@ -176,21 +183,32 @@ class PlacedTables:
             return DeviceStore(layout, memory.init, self.device)
         if placement.placement == "host":
             return HostStore(layout, memory.init)
+        if self.read_only:  # the checkpoint's own file: nothing copied, nothing written
+            self.in_place.add(name)
+            return self._open(self.folder / f"{name}.table", name, layout, memory, True)
         folder = self.folder
         if placement.path:  # a shared fast drive: one subfolder per run, so runs never collide
             key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
             folder = Path(placement.path) / f"{self.folder.parent.name}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
-        if path.exists() and not fresh:
-            store = DiskStore(path)  # resumed: the checkpoint's rows are restored into it
-            if store.layout != layout or store.init != memory.init:
-                store.close()
-                raise ValueError(f"{path} does not hold this model's {name} table")
-            return store
+        if path.exists() and not fresh:  # resumed: the checkpoint's rows are restored into it
+            return self._open(path, name, layout, memory, False)
         sweep_trash(folder)
         remove_later(path)  # the live copy of an earlier run: checkpoints hold theirs
         return DiskStore.create(path, layout, memory.init)
+
+    @staticmethod
+    def _open(
+        path: Path, name: str, layout: TableLayout, memory: HashedMemory, read_only: bool
+    ) -> DiskStore:
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: no file for the {name} disk table")
+        store = DiskStore(path, read_only=read_only)
+        if store.layout != layout or store.init != memory.init:
+            store.close()
+            raise ValueError(f"{path} does not hold this model's {name} table")
+        return store
 
     # ---- training ----------------------------------------------------------------------------
     def __bool__(self) -> bool:
@@ -312,7 +330,10 @@ class PlacedTables:
 
     def restore(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Load every table and row-optimiser state from a checkpoint's `folder`."""
-        restore_tables(folder, self.stores(), manifest["entries"])
+        if self.in_place and Path(folder).resolve() != self.folder.resolve():
+            raise ValueError(f"tables {sorted(self.in_place)} read {self.folder}, not {folder}")
+        stores = {n: s for n, s in self.stores().items() if n not in self.in_place}
+        restore_tables(folder, stores, manifest["entries"])
         for name, table in self.tables.items():
             table.optimizer.load_state_dict(manifest["optimizers"][name])
 

@@ -226,12 +226,14 @@ def _copy_range(fin: int, fout: int, start: int, end: int) -> int:
 
 class DiskStore(RowStore):
     """A table in one sparse, memory-mapped file. `DiskStore.create(path, ...)` makes one;
-    `DiskStore(path)` opens an existing one (its layout and init come from the header)."""
+    `DiskStore(path)` opens an existing one (its layout and init come from the header).
+    `read_only=True` maps it for reading only (e.g. a checkpoint's file, for inference): writes
+    and `load` raise ValueError, and the file is never modified."""
 
     kind = "disk"
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path, self.read_only = Path(path), read_only
         header = read_header(self.path)
         layout, init = TableLayout.from_json(header["layout"]), RowInit.from_json(header["init"])
         super().__init__(layout, init, torch.device("cpu"))
@@ -265,8 +267,9 @@ class DiskStore(RowStore):
         size = os.stat(self.path).st_size
         if size != file_size(self.layout):
             raise ValueError(f"{self.path} has {size} bytes, expected {file_size(self.layout)}")
-        self._fd = os.open(self.path, os.O_RDWR)
-        self._mm = mmap.mmap(self._fd, size)
+        self._fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
+        access = mmap.ACCESS_READ if self.read_only else mmap.ACCESS_WRITE
+        self._mm = mmap.mmap(self._fd, size, access=access)
         self._mm.madvise(mmap.MADV_RANDOM)  # random rows: no read-around (read_ahead_kb per fault)
         self._touched = np.frombuffer(self._mm, dtype=np.uint8, count=N, offset=PAGE)
         offset = PAGE + _round_up(N, PAGE)
@@ -302,6 +305,7 @@ class DiskStore(RowStore):
         return torch.from_numpy(out)
 
     def _scatter(self, rows: torch.Tensor, slot: str, values: torch.Tensor) -> None:
+        self._check_writable()
         cols = self.layout.columns(slot)
         index = rows.cpu().numpy()
         if slot != ALL:
@@ -313,7 +317,7 @@ class DiskStore(RowStore):
 
     # ---- durability and accounting ---------------------------------------------------------------
     def flush(self) -> None:
-        if self._closed:
+        if self._closed or self.read_only:
             return
         self._mm.flush()  # msync: dirty pages of the mapping to the file
         os.fsync(self._fd)
@@ -342,6 +346,10 @@ class DiskStore(RowStore):
             raise ValueError(f"row ids must lie in [0, {self.num_rows})")
         return torch.from_numpy(self._touched[index] != 0)
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ValueError(f"{self.path} is open read-only")
+
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         self._check_open()
@@ -353,6 +361,7 @@ class DiskStore(RowStore):
     def load(self, path: Path) -> None:
         """Replace this table's file by a copy of the saved one (untouched rows stay holes)."""
         self._check_open()
+        self._check_writable()
         path = Path(path)
         header = read_header(path)
         check_layout(self.layout, header["layout"], path)
