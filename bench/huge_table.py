@@ -33,10 +33,10 @@ on a machine with less RAM, hence the small control.
 
 Defaults: 32 GB, 200 steps + 20 resumed, cache 2^18 rows (48 MiB; a batch has at most
 16 x 128 x 8 = 16,384 unique rows, two batches are pinned at once), files under
-runs/bench-huge-table (about 15 GB at the peak, deleted at the end), one torch thread. On a
-2-core CPU: about 27 minutes with `--control`, of which 4 train. Most of the rest is the kernel
-freeing the table files' ~10^6 scattered 4 KiB extents, when the restore replaces the live
-table and at the clean-up (on ext4 mounted with `discard`, one synchronous discard each).
+runs/bench-huge-table (deleted at the end), one torch thread. On a 2-core CPU, before
+checkpoints were packed and files freed in the background, it took about 27 minutes with
+`--control`, of which 4 trained: the rest was the kernel freeing the table files' ~10^6
+scattered 4 KiB extents (on ext4 mounted with `discard`, one synchronous discard each).
 
 The big files are deleted at the end unless `--keep`. Prints a summary; writes the JSON record
 (default bench/results/huge_table.json); the last line of stdout is that record.
@@ -62,7 +62,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import engram.tables.stores as stores
 from engram.cli import train_config
 from engram.experiments.report import machine_info, write_json
 from engram.model import model_preset
@@ -241,32 +240,32 @@ class Probe:
         self.cache: dict[str, dict[str, float]] = {}  # the top store's counters, summed
         self.backing: dict[str, dict[str, float]] = {}  # the slow tier's counters (never reset)
         self.final: dict[str, dict[str, Any]] = {}
-        self.copies: list[dict[str, Any]] = []  # sparse copies: checkpoint save and restore
+        self.copies: list[dict[str, Any]] = []  # disk tables saved into / loaded from checkpoints
         self.flushes: list[float] = []  # DiskStore.flush: msync of the mapping + fsync
 
     def install(self) -> None:
         probe = self
-        copy_sparse, flush = stores.copy_sparse, DiskStore.flush
+        save_table, load_table, flush = DiskStore.save, DiskStore.load, DiskStore.flush
 
-        def timed_copy(src: Path, dst: Path) -> int:
-            t0 = time.perf_counter()
-            copied = copy_sparse(src, dst)
-            probe.copies.append(
-                {
-                    "src": str(src),
-                    "dst": str(dst),
-                    "bytes": copied,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            return copied
+        def timed(op: str, method):  # DiskStore.save / load: the checkpoint file's bytes
+            def run(store: DiskStore, path: Path) -> None:
+                t0 = time.perf_counter()
+                method(store, path)
+                seconds = time.perf_counter() - t0
+                size = os.stat(path).st_size
+                probe.copies.append(
+                    {"op": op, "file": str(path), "bytes": size, "seconds": seconds}
+                )
+
+            return run
 
         def timed_flush(store: DiskStore) -> None:
             t0 = time.perf_counter()
             flush(store)
             probe.flushes.append(time.perf_counter() - t0)
 
-        stores.copy_sparse, DiskStore.flush = timed_copy, timed_flush
+        DiskStore.save, DiskStore.load = timed("save", save_table), timed("load", load_table)
+        DiskStore.flush = timed_flush
         save, resume, table_stats = Run.save, Run._resume, Run.table_stats
         validate_now, close = Run.validate_now, Run.close
 
@@ -474,7 +473,7 @@ def run_case(
             },
             **phase.result,
             "tables": probe.tables(),
-            "sparse_copies": probe.copies,
+            "table_transfers": probe.copies,
             "disk_flushes": {"calls": len(probe.flushes), "seconds": sum(probe.flushes)},
             "metrics": metrics(run_dir, first, summary["steps"]),
         }
@@ -571,11 +570,10 @@ def print_part(label: str, part: str, r: dict[str, Any]) -> None:
             f"  {name}.table: {f['logical_bytes'] / GB:.2f} GB logical, "
             f"{gib(f['allocated_bytes'])} allocated"
         )
-    for c in r["sparse_copies"]:
+    for c in r["table_transfers"]:
         print(
-            f"  sparse copy {Path(c['src']).parent.name}/{Path(c['src']).name} -> "
-            f"{Path(c['dst']).parent.name}/{Path(c['dst']).name}: {gib(c['bytes'])} in "
-            f"{c['seconds']:.1f} s"
+            f"  table {c['op']} {Path(c['file']).parent.name}/{Path(c['file']).name}: "
+            f"{gib(c['bytes'])} file in {c['seconds']:.1f} s"
         )
     if r["disk_flushes"]["calls"]:
         f = r["disk_flushes"]

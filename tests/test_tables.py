@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from engram.module import HashedMemory
 from engram.rowinit import _GOLDEN, _MASK64, RowInit, splitmix64, splitmix64_int
-from engram.tables import persist
+from engram.tables import packed, persist
 from engram.tables.base import ALL, VALUE, RowStore, TableLayout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import lookup
 from engram.tables.optim import RowAdagrad, RowAdam, make_row_optimizer
+from engram.tables.packed import PackedStore, write_packed
 from engram.tables.persist import load_tables, save_tables
 from engram.tables.stores import DeviceStore, DiskStore, HostStore, copy_sparse
 
@@ -658,3 +660,71 @@ def test_disk_load_replaces_the_live_file_and_frees_the_old_one_later(tmp_path):
         time.sleep(0.05)
     assert not list(tmp_path.glob(".trash-*"))
     live.close()
+
+
+# ---- packed checkpoints of disk tables -----------------------------------------------------------
+def written_disk_table(
+    path: Path, rows: int = 5000
+) -> tuple[DiskStore, torch.Tensor, torch.Tensor]:
+    layout = RowAdam().layout(rows, 8)
+    store = DiskStore.create(path, layout, INIT)
+    written = torch.unique(
+        torch.randint(0, rows, (300,), generator=torch.Generator().manual_seed(0))
+    )
+    values = torch.randn(written.numel(), layout.width)
+    store.write(written, values, ALL)
+    return store, written, values
+
+
+def test_a_disk_checkpoint_packs_the_written_rows_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(packed, "_CHUNK_BYTES", 4096)  # many chunks on save and on load
+    store, written, values = written_disk_table(tmp_path / "live.table")
+    store.save(tmp_path / "ckpt.table")
+    W = store.layout.width
+    size = os.stat(tmp_path / "ckpt.table").st_size
+    assert size < 1024 + written.numel() * (8 + 4 * W)  # the header and the written rows only
+    with safe_open(tmp_path / "ckpt.table", framework="pt") as f:  # plain safetensors
+        assert torch.equal(f.get_tensor("rows"), written)
+        assert torch.equal(f.get_tensor("records"), values)
+    every = torch.arange(store.num_rows)
+    with PackedStore(tmp_path / "ckpt.table") as served:  # read in place: as the live table
+        assert served.written_rows == written.numel()
+        assert_same(served.read(every, ALL), store.read(every, ALL))
+        with pytest.raises(ValueError, match="read-only"):
+            served.write(written[:1], values[:1], ALL)
+    store.write(written, torch.zeros_like(values), ALL)  # the live table moves on
+    store.write(ids(0, 1, 2), torch.ones(3, W), ALL)
+    store.load(tmp_path / "ckpt.table")  # and comes back, unwritten rows included
+    with PackedStore(tmp_path / "ckpt.table") as served:
+        assert_same(store.read(every, ALL), served.read(every, ALL))
+    assert store.touched_rows == written.numel()
+    store.close()
+
+
+def test_a_checkpoint_from_before_packing_still_loads(tmp_path):
+    store, written, values = written_disk_table(tmp_path / "live.table")
+    store.flush()
+    copy_sparse(tmp_path / "live.table", tmp_path / "old.table")  # what save wrote before
+    store.write(written, torch.zeros_like(values), ALL)
+    store.load(tmp_path / "old.table")
+    assert_same(store.read(written, ALL), values)
+    store.close()
+
+
+def test_packed_files_are_checked(tmp_path):
+    store, *_ = written_disk_table(tmp_path / "live.table")
+    store.save(tmp_path / "ckpt.table")
+    blob = (tmp_path / "ckpt.table").read_bytes()
+    (tmp_path / "short.table").write_bytes(blob[:-4])
+    with pytest.raises(ValueError, match="bytes, expected"):
+        PackedStore(tmp_path / "short.table")
+    (tmp_path / "junk.table").write_bytes(b"\x10" + blob[1:])
+    with pytest.raises(ValueError, match="not a readable packed table"):
+        PackedStore(tmp_path / "junk.table")
+    other = DiskStore.create(tmp_path / "other.table", store.layout, RowInit(1, 1, 0.02))
+    with pytest.raises(ValueError, match="init"):
+        other.load(tmp_path / "ckpt.table")
+    with pytest.raises(ValueError, match="ascending"):
+        write_packed(tmp_path / "bad.table", store.layout, INIT, np.array([3, 1]), lambda i: i)
+    store.close()
+    other.close()

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from engram.rowinit import RowInit
@@ -136,6 +137,13 @@ def check_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
             f"rows must be sorted and unique: id {int(rows[at + 1])} follows {int(rows[at])}"
         )
     return rows
+
+
+def initial_records(layout: TableLayout, init: RowInit, ids: np.ndarray) -> np.ndarray:
+    """Full records [U, W] of rows never written: the init value, then zero optimiser state."""
+    out = np.zeros((ids.size, layout.width), dtype=np.float32)
+    out[:, : layout.dim] = init(torch.from_numpy(ids), layout.dim).numpy()
+    return out
 
 
 def check_values(values: torch.Tensor, count: int, width: int) -> None:

@@ -2,8 +2,8 @@
 
     root/
       step-0000100/            one checkpoint: never modified once committed
-        {name}.table           each table in its store's own format (a sparse disk-table file,
-                               or a safetensors file of an in-memory table), fsynced
+        {name}.table           each table in its store's own format (a disk table's written
+                               rows, packed; an in-memory table's records), safetensors, fsynced
         manifest.json          format, step, each table's kind/layout/init/file, caller state
       latest                   the name of the newest committed checkpoint (atomically replaced)
       .tmp-XXXX/               a checkpoint being written (removed, or left by a crash)
@@ -12,8 +12,8 @@
 the previous checkpoint, untouched and loadable:
 
     1. flush each store (a cache writes its dirty rows back; a disk table msyncs and fsyncs)
-    2. write each table into a fresh `.tmp-*` folder; a disk table is copied extent by extent
-       (SEEK_DATA / SEEK_HOLE), so the copy costs the rows ever written, not the logical size
+    2. write each table into a fresh `.tmp-*` folder; a disk table writes the rows ever written
+       (`engram.tables.packed`), so the copy costs those rows, not the logical size
     3. write and fsync manifest.json, fsync the folder
     4. rename the folder to `step-XXXXXXX` (atomic), fsync root
     5. write `latest` to a temporary file, fsync, rename over `latest` (atomic), fsync root
@@ -21,7 +21,7 @@ the previous checkpoint, untouched and loadable:
 
 A checkpoint is a *new generation*: the live tables keep training while their past states stay
 in `step-*` folders, and `load_tables` copies a generation back into the live stores (for a
-disk table: a sparse copy to a temporary file, renamed over the live file). Save between
+disk table: unpacked into a temporary file, renamed over the live file). Save between
 steps: the stores must not be written while they are saved (a cache's prefetch may continue;
 its lock orders it after the save). The optimiser step counts and the loader position belong
 in `state`, a JSON object stored in the manifest.

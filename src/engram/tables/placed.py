@@ -49,6 +49,7 @@ from engram.tables.base import RowStore, TableLayout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import Fetched, Lookup, fetch, finish, global_ids, lookup
 from engram.tables.optim import RowOptimizer, make_row_optimizer
+from engram.tables.packed import PackedStore, is_packed
 from engram.tables.persist import restore_tables, write_tables
 from engram.tables.plan import TablePlacement, TablePlan
 from engram.tables.stores import DeviceStore, DiskStore, HostStore
@@ -201,10 +202,13 @@ class PlacedTables:
     @staticmethod
     def _open(
         path: Path, name: str, layout: TableLayout, memory: HashedMemory, read_only: bool
-    ) -> DiskStore:
+    ) -> RowStore:
         if not path.is_file():
             raise ValueError(f"{path} is missing: no file for the {name} disk table")
-        store = DiskStore(path, read_only=read_only)
+        if read_only and is_packed(path):  # a checkpoint's written rows, served where they lie
+            store: RowStore = PackedStore(path)
+        else:  # a live table (resume), or a checkpoint from before packing
+            store = DiskStore(path, read_only=read_only)
         if store.layout != layout or store.init != memory.init:
             store.close()
             raise ValueError(f"{path} does not hold this model's {name} table")

@@ -23,14 +23,16 @@ zero optimiser state, so the result never depends on when a row is first touched
     [4096, 4096 + B)       touched map: one byte per row (1 = written); B = N rounded up to 4096
     [D, D + N * W * 4)     records, row-major float32; D = 4096 + B (page aligned)
 
-The touched map lives in the same file, so a table is self-describing and one file is its whole
-checkpoint. A byte per row (not a bit) keeps updates to different rows independent (no shared
-read-modify-write of a byte), which the cache's concurrent loads and write-backs rely on; it
-costs 1/(4 W) of the records' size. Rows are read and written with numpy fancy indexing on the
-mapping: one vectorised gather per batch instead of one pread per row.
+The touched map lives in the same file, so a table is self-describing. A byte per row (not a
+bit) keeps updates to different rows independent (no shared read-modify-write of a byte), which
+the cache's concurrent loads and write-backs rely on; it costs 1/(4 W) of the records' size.
+Rows are read and written with numpy fancy indexing on the mapping: one vectorised gather per
+batch instead of one pread per row.
 
-`copy_sparse` copies only the data extents of a file (SEEK_DATA / SEEK_HOLE), so checkpointing
-or restoring a mostly untouched table costs its written bytes, not its logical size.
+A checkpoint (`save`) holds the written rows only, packed (`engram.tables.packed`): scattered
+rows each take a 4 KiB block in the live file but 8 + 4 W bytes there. `load` unpacks one into
+a new live file; it also reads a checkpoint of the whole file (as saved before packing), copied
+by `copy_sparse`, which copies only a file's data extents (SEEK_DATA / SEEK_HOLE).
 Legend: N rows, W record width, U rows in one call.
 """
 
@@ -50,7 +52,8 @@ from safetensors.torch import save_file
 
 from engram.files import delete_in_background, remove_later, trash_name
 from engram.rowinit import RowInit, fill_initial
-from engram.tables.base import ALL, RowStore, TableLayout, check_layout
+from engram.tables.base import ALL, RowStore, TableLayout, check_layout, initial_records
+from engram.tables.packed import PackedStore, is_packed, write_packed
 
 
 def pinning_available() -> bool:
@@ -285,9 +288,7 @@ class DiskStore(RowStore):
     # ---- rows ------------------------------------------------------------------------------------
     def _fresh(self, rows: np.ndarray) -> np.ndarray:
         """Full records of never-written rows: the init value and zero state. [U, W]"""
-        out = np.zeros((rows.size, self.layout.width), dtype=np.float32)
-        out[:, : self.dim] = self.init(torch.from_numpy(rows), self.dim).numpy()
-        return out
+        return initial_records(self.layout, self.init, rows)
 
     def _gather(self, rows: torch.Tensor, slot: str) -> torch.Tensor:
         cols = self.layout.columns(slot)
@@ -346,34 +347,49 @@ class DiskStore(RowStore):
             raise ValueError(f"row ids must lie in [0, {self.num_rows})")
         return torch.from_numpy(self._touched[index] != 0)
 
+    def _unpack(self, path: Path, tmp: Path) -> None:
+        """A new live file `tmp` holding the packed table `path`'s rows."""
+        with PackedStore(path) as packed:
+            self._check_same(packed.layout, packed.init.to_json(), path)
+            with DiskStore.create(tmp, self.layout, self.init) as live:  # closing fsyncs it
+                for ids, records in packed.chunks():
+                    live.write(torch.from_numpy(ids), torch.from_numpy(records), ALL)
+
+    def _check_same(self, layout: TableLayout, init: dict[str, Any], path: Path) -> None:
+        check_layout(self.layout, layout.to_json(), path)
+        if RowInit.from_json(init) != self.init:
+            # Untouched rows read as their init: a different init would change them silently.
+            raise ValueError(f"{path} was made with init {init}, this table uses {self.init}")
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise ValueError(f"{self.path} is open read-only")
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path: Path) -> None:
+        """Write the rows ever written, packed (`engram.tables.packed`), to the new file `path`."""
         self._check_open()
         if Path(path).exists():
             raise ValueError(f"{path} exists; save writes a new file")
         self.flush()
-        copy_sparse(self.path, Path(path))
+        written = np.flatnonzero(self._touched)
+        write_packed(Path(path), self.layout, self.init, written, lambda ids: self._data[ids])
 
     def load(self, path: Path) -> None:
-        """Replace this table's file by a copy of the saved one (untouched rows stay holes)."""
+        """Replace this table's file by the saved table `path` (packed, or a whole disk-table
+        file as checkpoints before packing held); untouched rows stay holes."""
         self._check_open()
         self._check_writable()
         path = Path(path)
-        header = read_header(path)
-        check_layout(self.layout, header["layout"], path)
-        if RowInit.from_json(header["init"]) != self.init:
-            # Untouched rows read as their init: a different init would change them silently.
-            raise ValueError(
-                f"{path} was made with init {header['init']}, this table uses {self.init.to_json()}"
-            )
         tmp = self.path.with_name(self.path.name + ".loading")
         if tmp.exists():
             remove_later(tmp)
-        copy_sparse(path, tmp)
+        if is_packed(path):
+            self._unpack(path, tmp)
+        else:
+            header = read_header(path)
+            self._check_same(TableLayout.from_json(header["layout"]), header["init"], path)
+            copy_sparse(path, tmp)
         self._unmap()
         # A second link keeps the old blocks alive through the replace, so that freeing them
         # (slow for a sparse file, see engram.files) happens in the background, not here.
