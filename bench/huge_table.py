@@ -48,6 +48,7 @@ The big files are deleted at the end unless `--keep`. Prints a summary; writes t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -383,6 +384,9 @@ class Phase:
         self.name, self.sampler, self.disk = name, sampler, disk
 
     def __enter__(self) -> Phase:
+        # A finished run's model and stores form reference cycles (row sources point back at
+        # their tables): collect them now, or the next part's memory includes the last one's.
+        gc.collect()
         self.sampler.set_phase(self.name)
         self.hwm_reset = reset_peak_rss()
         self.io0 = read_kv("/proc/self/io")

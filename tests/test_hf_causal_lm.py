@@ -244,7 +244,10 @@ def test_vocab_map_packing():
         unpack_vocab_map({**packed, "size": 7})
 
 
-def test_from_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("placement", ["device", "disk"])
+def test_from_run(tmp_path, monkeypatch, placement):
+    """A run's tables, wherever it placed them, come back as weights that save and load."""
+    from engram.tables.plan import TablePlan
     from engram.train import TrainConfig, load_trained, train
 
     corpus = tmp_path / "corpus"
@@ -255,12 +258,18 @@ def test_from_run(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     config = TrainConfig(tokenizer="bpe:300", data=str(corpus), seq_len=16, batch_size=2)
+    config = replace(config, tables=TablePlan(placement=placement, cache_rows=0))
     train(replace(config, steps=1, eval_tokens=32, out_dir=str(run), progress=False))
     hf = EngramForCausalLM.from_run(run).eval()
     model, _, _, _ = load_trained(run, device="cpu")
     ids = torch.randint(3, model.config.vocab_size, (1, 10))
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, model(ids))
+    hf.save_pretrained(tmp_path / "hf")  # the table is a weight again: it is saved
+    with torch.no_grad():
+        assert torch.equal(
+            EngramForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits, model(ids)
+        )
 
 
 def test_import_without_transformers_names_the_extra(monkeypatch):

@@ -221,6 +221,17 @@ class HashedMemory(nn.Module):
         """Read rows through `source(rows, offsets)` from now on; the embedding is released."""
         self.row_source, self.table = source, None
 
+    def use_table(self, weight: torch.Tensor) -> None:
+        """Hold the rows as an embedding of `weight` [rows, row_dim] again, dropping a row
+        source (e.g. to export a model whose table was placed on disk)."""
+        shape = (self.spec.layer_rows(self.layer_id), self.spec.row_dim)
+        if tuple(weight.shape) != shape:
+            raise ValueError(
+                f"layer {self.layer_id}'s table must be {list(shape)}, got {list(weight.shape)}"
+            )
+        self.table = nn.Embedding(*shape, _weight=weight.detach().float(), device=weight.device)
+        self.row_source = None
+
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Every head's row, concatenated: rows [B, T, H] -> e [B, T, D]."""
         if self.row_source is not None:

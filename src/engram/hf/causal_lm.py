@@ -341,10 +341,15 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_run(cls, path: str | Path, device: str = "cpu") -> EngramForCausalLM:
-        """A trained run folder or checkpoint (see `engram.train.load_trained`)."""
+        """A trained run folder or checkpoint (see `engram.train.load_trained`). Tables the run
+        placed in host memory or on disk become embeddings again, so that `save_pretrained`
+        writes them with the other weights (ValueError if they do not fit in RAM)."""
         from engram.train import load_trained
 
         model, tokenizer, _, _ = load_trained(path, device=device)
+        placed = getattr(model, "placed_tables", None)
+        if placed:
+            placed.embed(model)
         return cls.from_engram(model, tokenizer)
 
     def to_engram(self) -> EngramLM:

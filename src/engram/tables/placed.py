@@ -33,6 +33,7 @@ rows the hand-off costs more than it hides.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -58,6 +59,7 @@ from engram.tables.stores import DeviceStore, DiskStore, HostStore
 # decode step's handful of rows to a thread cost 0.6 ms against 0.3 ms for reading them
 # through the cache directly (batch 1, 8 heads, this project's CPU).
 PREFETCH_MIN_LOOKUPS = 1024
+_EMBED_CHUNK = 1 << 16  # rows read at a time when a placed table becomes an embedding again
 
 
 def table_name(layer: int) -> str:
@@ -320,6 +322,28 @@ class PlacedTables:
                 ready.put((batch, self.pin(batch.rows)))
         except BaseException as e:  # handed to the consumer, which raises it
             ready.put(e)
+
+    def embed(self, model: torch.nn.Module) -> None:
+        """Hand every placed table back to its module as an nn.Embedding on the compute device
+        (all rows read, a chunk at a time), for exports that keep tables as weights (the HF
+        integration). ValueError if their values exceed the RAM available now."""
+        need = sum(t.store.num_rows * t.store.dim * 4 for t in self.tables.values())
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > free:
+            raise ValueError(
+                f"the placed tables hold {need / 1e9:.1f} GB of values, more than the "
+                f"{free / 1e9:.1f} GB of free RAM: they cannot become embeddings"
+            )
+        model.row_prefetch = None  # nothing is left to fetch ahead
+        for table in self.tables.values():
+            table.settle()
+            weight = torch.empty(table.store.num_rows, table.store.dim)
+            for start in range(0, table.store.num_rows, _EMBED_CHUNK):
+                rows = torch.arange(start, min(start + _EMBED_CHUNK, table.store.num_rows))
+                weight[start : start + rows.numel()] = table.store.read(rows).cpu()
+            table.memory.use_table(weight.to(self.device))
+            table.store.close()
+        self.tables.clear()
 
     # ---- checkpoints, statistics ---------------------------------------------------------------
     def stores(self) -> dict[str, RowStore]:
