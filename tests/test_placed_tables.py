@@ -111,6 +111,24 @@ def test_a_trained_disk_table_is_read_in_place_read_only(corpus, tmp_path):
     assert (ckpt / "tables/layer1.table").read_bytes() == saved
 
 
+def test_placed_tables_become_embeddings_only_if_they_fit(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
+    model, *_ = load_trained(out)
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        expected = model(ids)
+    monkeypatch.setattr(placed.os, "sysconf", lambda name: 1)  # one byte of free RAM
+    with pytest.raises(ValueError, match="cannot become embeddings"):
+        model.placed_tables.embed(model)
+    monkeypatch.undo()
+    model.placed_tables.embed(model)
+    assert model.row_prefetch is None and not model.placed_tables
+    assert model.engram_layers[0].table is not None
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)
+
+
 def test_adagrad_row_optimiser_differs_and_resumes(corpus, tmp_path):
     plan = ["tables.optimizer=adagrad"]  # a device RowStore: not the embedding any more
     adam = train(config(corpus, tmp_path / "adam"))
