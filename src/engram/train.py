@@ -406,6 +406,8 @@ def train(config: TrainConfig, resume: bool = False, run: Run | None = None) -> 
         "val_loss": val,
         "val_ppl": math.exp(val),
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        # The thread count changes float reduction order, hence the last bits of every loss.
+        "torch_threads": torch.get_num_threads(),
         "curve": [list(p) for p in run.curve],
     }
 

@@ -153,6 +153,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "val_loss_spread": max(losses) - min(losses),
         "val_loss_per_seed": losses,
         "seeds": [r["seed"] for r in runs],
+        # Per seed, as each run was trained (None: a run finished before this was recorded).
+        "torch_threads_per_seed": [r.get("torch_threads") for r in runs],
         "val_ppl": math.exp(mean),
         "tokens_per_s": sum(r["tokens_per_s"] for r in runs) / len(runs),
         "curve": [[p[0][0], sum(q[1] for q in p) / len(p)] for p in points],
