@@ -123,6 +123,7 @@ class PackedStore(RowStore):
         records = np.frombuffer(self._mm, dtype="<f4", count=n * layout.width, offset=start + 8 * n)
         self._records = records.reshape(n, layout.width)
         if n and (self._ids[0] < 0 or self._ids[-1] >= layout.num_rows):
+            self.close()  # release the mapping: the caller never gets this store to close
             raise ValueError(f"{self.path} holds row ids outside [0, {layout.num_rows})")
 
     @property
