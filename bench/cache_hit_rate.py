@@ -52,11 +52,12 @@ import numpy as np
 import torch
 
 import engram.module
+from engram.assembly import build_model, get_tokenizer
+from engram.config import TrainConfig
 from engram.data import PackedLoader, build_shard
 from engram.experiments.report import machine_info, pyplot, write_json
 from engram.model import model_preset
 from engram.tables import CachedStore, HostStore, RowInit, TableLayout
-from engram.train import TrainConfig, build_model, get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "cache_hit_rate.json"

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from engram.assembly import get_tokenizer
 from engram.experiments.report import machine_info
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, model_preset
 from engram.spec import resolve
-from engram.train import get_tokenizer
 from engram.vocab import compress
 
 

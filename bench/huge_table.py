@@ -63,14 +63,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from engram.assembly import evaluate
 from engram.cli import train_config
+from engram.config import TrainConfig
 from engram.experiments.report import machine_info, write_json
 from engram.model import model_preset
 from engram.spec import derive_primes
 from engram.tables.cache import CachedStore
-from engram.tables.optim import make_row_optimizer
+from engram.tables.row_optim import make_row_optimizer
 from engram.tables.stores import DiskStore, file_size
-from engram.train import Run, TrainConfig, evaluate, train
+from engram.train import Run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "huge_table.json"

@@ -25,17 +25,19 @@ from pathlib import Path
 
 import torch
 
+from engram.assembly import evaluate
 from engram.checkpoint import read_manifest
 from engram.cli import train_config
 from engram.data import build_shard
 from engram.experiments.report import machine_info
+from engram.inference.load import load_trained
 from engram.inference.quantized import (
     install_quantized,
     quantization_report,
     quantize_tables,
     save_quantized,
 )
-from engram.train import evaluate, load_trained, train
+from engram.train import train
 
 
 def trained_checkpoint(args: argparse.Namespace) -> Path:
@@ -84,7 +86,13 @@ def variant_row(name: str, loss: float, fp32: float, gain: float, report: dict |
 
 def measure(args: argparse.Namespace, ckpt: Path) -> tuple[dict, list[dict]]:
     """(config of the run, one row per variant), every variant on the same model and tokens."""
-    model, tok, config, manifest = load_trained(ckpt, device="cpu")
+    trained = load_trained(ckpt, device="cpu")
+    model, tok, config, manifest = (
+        trained.model,
+        trained.tokenizer,
+        trained.config,
+        trained.manifest,
+    )
     if args.eval_tokens:
         config = replace(config, eval_tokens=args.eval_tokens)
     val = build_shard(config.data, "val", tok).tokens

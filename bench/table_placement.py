@@ -34,7 +34,8 @@ import torch
 
 from engram.cli import train_config
 from engram.experiments.report import machine_info
-from engram.train import Run, load_trained
+from engram.inference.load import load_trained
+from engram.train import Run
 
 ARMS = {
     "device": [],
@@ -71,26 +72,28 @@ def cache_rows(run: Run) -> int:
 
 def train_interleaved(cfgs: dict, args: argparse.Namespace) -> dict:
     """Median step seconds of each arm after `--warmup` steps; runs saved for decoding."""
-    runs, iters = {}, {}
+    runs, batches, ahead = {}, {}, {}
     for arm, cfg in cfgs.items():  # device and host come first: the disk arm sizes its cache
         if arm == "disk":
             cfg = replace(cfg, tables=replace(cfg.tables, cache_rows=cache_rows(runs["host"])))
             cfgs[arm] = cfg
         runs[arm] = Run(cfg)
-        iters[arm] = runs[arm].tables.prefetched(runs[arm].loader)
+        batches[arm] = iter(runs[arm].loader)
+        ahead[arm] = runs[arm].tables.pin_ahead(next(batches[arm]))
     times: dict[str, list[float]] = {arm: [] for arm in runs}
     for step in range(args.steps):
         order = list(runs) if step % 2 == 0 else list(reversed(runs))
         for arm in order:
-            t0 = time.perf_counter()
-            batch, pins = next(iters[arm])
+            t0 = time.perf_counter()  # the step as `train` runs it: the next batch pinned ahead
+            batch, pins = ahead[arm].result()
+            ahead[arm] = runs[arm].tables.pin_ahead(next(batches[arm]))
             runs[arm].train_step(batch)
             runs[arm].tables.release(pins)
             if step >= args.warmup:
                 times[arm].append(time.perf_counter() - t0)
     stats = {}
     for arm, run in runs.items():
-        iters[arm].close()
+        run.tables.release(ahead[arm].result()[1])
         stats[arm] = {"step_s": statistics.median(times[arm]), **run.tables.stats()}
         run.save()
         run.close()
@@ -99,7 +102,7 @@ def train_interleaved(cfgs: dict, args: argparse.Namespace) -> dict:
 
 @torch.no_grad()
 def decode_interleaved(cfgs: dict, args: argparse.Namespace) -> dict:
-    models = {arm: load_trained(cfg.out_dir, device=args.device)[0] for arm, cfg in cfgs.items()}
+    models = {arm: load_trained(cfg.out_dir, device=args.device).model for arm, cfg in cfgs.items()}
     cuda = args.device.startswith("cuda")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 2000, (1, 64), generator=gen).to(args.device)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from engram.assembly import get_tokenizer
+from engram.config import OptimConfig
 from engram.experiments.demo import demo_arms
 from engram.experiments.report import machine_info
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, model_preset
-from engram.optim import OptimConfig, Optimizers
+from engram.optim import Optimizers
 from engram.spec import resolve
-from engram.train import get_tokenizer
 from engram.vocab import compress
 
 

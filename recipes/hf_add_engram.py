@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from engram.assembly import get_tokenizer
 from engram.data import PackedLoader, build_shard, eval_batches
 from engram.hf.attach import (
     add_engram,
@@ -43,7 +44,6 @@ from engram.hf.attach import (
 )
 from engram.spec import HashSpec, SpecConfig, resolve
 from engram.tokenizer import Tokenizer
-from engram.train import get_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engram.cli import train_config
-from engram.train import TrainConfig
+from engram.config import TrainConfig
 
 BASE = [
     "tokenizer=bpe:400",

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
 from engram.cli import main
-from engram.config_io import to_dict
-from engram.experiments.ablation import AblationConfig, ablation_arms, reference_config
+from engram.config import to_dict
+from engram.experiments.ablation import (
+    ABLATION_TRAIN,
+    AblationConfig,
+    ablation_arms,
+    reference_config,
+)
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
 
@@ -68,7 +74,7 @@ def test_bad_ablation_config():
         AblationConfig(hc_branches=1).validate()
     AblationConfig(hc_branches=1, arms=("no-gate",)).validate()  # M = 1 is fine without it
     with pytest.raises(ValueError, match="steps=0"):
-        AblationConfig(steps=0).validate()
+        AblationConfig(train=replace(ABLATION_TRAIN, steps=0)).validate()
 
 
 def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpus):

@@ -7,14 +7,8 @@ from dataclasses import asdict, fields, replace
 import pytest
 
 from engram.model import EngramLM, EngramOptions, ModelConfig, MoEConfig, model_preset
-from engram.model.accounting import (
-    ParamCounts,
-    count_params,
-    count_params_from_config,
-    format_plan,
-    plan_allocation,
-    plan_from_moe,
-)
+from engram.model.accounting import ParamCounts, count_params, count_params_from_config
+from engram.model.planner import format_plan, plan_allocation, plan_from_moe
 from engram.spec import SpecConfig, derive_primes, resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
@@ -75,8 +69,8 @@ CONFIGS = {
         moe=MoEConfig(num_routed=5, top_k=3, expert_hidden=8, num_shared=0)
     ),
     "engram ablations": _switches(gate=False, conv=False, branch_keys=False),
-    "overencoding": _switches(placement="input"),
-    "overencoding M=1 dense": _switches(placement="input").with_(hc_branches=1, moe=None),
+    "overencoding": _switches(site="input"),
+    "overencoding M=1 dense": _switches(site="input").with_(hc_branches=1, moe=None),
 }
 
 
@@ -227,7 +221,7 @@ def test_as_dict_round_trips_fields():
 def test_overencoding_has_the_engram_tables_and_one_projection():
     engram, over = (
         count_params_from_config(TINY),
-        count_params_from_config(_switches(placement="input")),
+        count_params_from_config(_switches(site="input")),
     )
     spec = TINY.engram.spec
     d_mem = spec.row_dim * spec.heads_per_order * len(spec.orders)

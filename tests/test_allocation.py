@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
 from engram.cli import main
-from engram.experiments.allocation import AllocationConfig, allocation_arms
+from engram.experiments.allocation import QUICK, AllocationConfig, allocation_arms
+from engram.experiments.arms import arm_config, study_from_args
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
 
@@ -30,6 +33,32 @@ def test_bad_sweep_config():
         AllocationConfig(rhos=(1.2,)).validate()
     with pytest.raises(ValueError, match="budgets"):
         AllocationConfig(budgets=()).validate()
+
+
+def test_arm_config_derives_the_schedule_unless_overridden(tmp_path):
+    template = QUICK.train
+    model = model_preset("tiny")
+    arm = arm_config(template, model, seed=3, out=tmp_path / "a")
+    assert (arm.seed, arm.out_dir, arm.model) == (3, str(tmp_path / "a"), model)
+    assert (arm.eval_every, arm.optim.warmup_steps) == (template.steps, template.steps // 10)
+    # Overrides come first for what follows from the steps, and win over it when named.
+    arm = arm_config(template, model, 0, tmp_path, {"steps": "50", "optim.lr": "1e-3"})
+    assert (arm.steps, arm.eval_every, arm.optim.warmup_steps, arm.optim.lr) == (50, 50, 5, 1e-3)
+    arm = arm_config(template, model, 0, tmp_path, {"optim.warmup_steps": 0, "eval_every": 7})
+    assert (arm.optim.warmup_steps, arm.eval_every) == (0, 7)
+
+
+def test_study_from_args_applies_the_flags_and_sets():
+    args = argparse.Namespace(
+        quick=True, rhos="1.0,0.5", budgets=None, seeds="0,1", data="x.txt", out="o"
+    )
+    args.set = ["seq_len=32"]  # `--set`, repeatable
+    cfg = study_from_args(args, AllocationConfig(), QUICK, {"rhos": float, "budgets": int})
+    assert (cfg.rhos, cfg.budgets, cfg.seeds, cfg.out_dir) == ((1.0, 0.5), (10, 20), (0, 1), "o")
+    assert cfg.train == replace(QUICK.train, data="x.txt") and cfg.overrides == ("seq_len=32",)
+    assert cfg.arm(model_preset("tiny"), 0, "o/a", steps=4).seq_len == 32
+    with pytest.raises(ValueError, match="bad override"):
+        study_from_args(argparse.Namespace(quick=False, set=["seq_len"]), cfg, cfg)
 
 
 def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpus):

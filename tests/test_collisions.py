@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from engram.assembly import evaluate
 from engram.cli import train_config
 from engram.data import build_shard, stdlib_files
 from engram.experiments.collisions import (
@@ -25,8 +26,9 @@ from engram.experiments.collisions import (
     uniform_collision_share,
     uniform_utilisation,
 )
+from engram.inference.load import load_trained
 from engram.spec import SpecConfig
-from engram.train import evaluate, load_trained, train
+from engram.train import train
 
 # Tables of ~31 rows against thousands of distinct N-grams: collisions are certain. Two layers so
 # that per-layer primes and multipliers are exercised.
@@ -267,7 +269,8 @@ def test_checkpoint_losses_per_bucket(corpus, tmp_path, one_thread):
             assert r["engram_gain"] == pytest.approx(r["loss_engram_off"] - r["loss_engram_on"])
     # The per-token losses average to what `evaluate` reports on the same tokens. Both sum the
     # same fp32 cross-entropies, in a different order: 1e-5 covers the rounding.
-    model, tok, trained, _ = load_trained(run, device="cpu")
+    loaded = load_trained(run, device="cpu")
+    model, tok, trained = loaded.model, loaded.tokenizer, loaded.config
     tokens = np.asarray(build_shard(trained.data, "val", tok).tokens[:1024], dtype=np.int64)
     cfg = replace(trained, eval_tokens=1024)
     for key, off in (("engram_on", False), ("engram_off", True)):

@@ -15,9 +15,10 @@ from engram.data import Batch
 from engram.experiments.control_arms import CONTROLS, random_rows, shuffled_table
 from engram.experiments.controls import QUICK, ControlsConfig
 from engram.experiments.token_kinds import classify_pieces, classify_stream, group_table
+from engram.inference.load import load_trained
 from engram.model import model_preset
 from engram.spec import HashSpec
-from engram.train import load_trained, train
+from engram.train import train
 
 
 def _batch(ids: torch.Tensor, epoch: int = 0, index: int = 0) -> Batch:
@@ -147,12 +148,12 @@ def test_quick_study_trains_every_control(tmp_path, monkeypatch, capsys, stdlib_
     assert arms["capacity-1"]["trained_table_params"] == 8 * 16  # 8 heads of one 16-dim row
 
     # The control loop trains the reference exactly as `engram.train.train` would.
-    settings = replace(QUICK, steps=3, eval_tokens=4096, data=str(corpus)).settings()
-    plain = train(settings.train_config(model_preset("demo"), 0, tmp_path / "plain"))
+    template = replace(QUICK.train, steps=3, eval_tokens=4096, data=str(corpus))
+    plain = train(replace(QUICK, train=template).arm(model_preset("demo"), 0, tmp_path / "plain"))
     assert plain["val_loss"] == arms["reference"]["val_loss"]
 
     # zero-table: the table never left zero, while the rest of its Engram trained.
-    model, *_ = load_trained(out / "seed-0" / "zero-table")
+    model = load_trained(out / "seed-0" / "zero-table").model
     (engram,) = model.engram_layers
     assert not engram.table.weight.any()
     assert engram.value_proj.bias.abs().max() > 0  # initialised at zero

@@ -17,7 +17,7 @@ import torch
 from engram.hashing import NgramHasher
 from engram.inference import SamplingConfig, generate, left_pad, sample_next
 from engram.model import EngramLM, ModelConfig, model_preset
-from engram.model.cache import document_starts
+from engram.model.decode_cache import document_starts
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress

@@ -48,7 +48,7 @@ def test_quick_demo_writes_the_report(corpus, tmp_path, capsys):
             "curve",
         ):
             assert key in arm
-        assert math.isfinite(arm["val_loss"]) and arm["tokens"] == 6 * QUICK.batch_size * 128
+        assert math.isfinite(arm["val_loss"]) and arm["tokens"] == 6 * QUICK.train.batch_size * 128
         assert arm["curve"][-1][0] == arm["tokens"]
     assert report["arms"]["engram"]["table_params"] > 0
     assert (out / "val_loss.png").stat().st_size > 1000
@@ -58,5 +58,6 @@ def test_quick_demo_writes_the_report(corpus, tmp_path, capsys):
 
 
 def test_quick_config_is_small():
-    assert QUICK.steps * QUICK.batch_size * QUICK.seq_len <= 50_000
+    assert QUICK.train.steps * QUICK.train.batch_size * QUICK.train.seq_len <= 50_000
     assert replace(QUICK, seeds=(0, 1)).seeds == (0, 1)
+    assert not QUICK.reuse  # the demo always retrains its arms

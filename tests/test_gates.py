@@ -26,8 +26,8 @@ from engram.experiments.gates_view import (
     layout,
     luminance,
 )
+from engram.inference.load import load_trained
 from engram.tokenizer import train_bpe
-from engram.train import load_trained
 
 # Markup characters that must show as text: a page that parsed them would gain a <b> element.
 SPECIAL = "if a < b && c > \"d\": s = '<b>bold</b>'  # café\n\tnext & last"
@@ -176,7 +176,8 @@ def test_study_report(study: Path):
 @torch.no_grad()
 def test_hooked_gates_equal_a_hand_run_forward(study: Path):
     """The pre-hook sees exactly the Engram layer's input: redo the forward up to it by hand."""
-    model, tok, _, _ = load_trained(study / "model", device="cpu")
+    trained = load_trained(study / "model", device="cpu")
+    model = trained.model
     report = json.loads((study / "report.json").read_text())
     ids = report["texts"][1]["ids"]
     x = torch.tensor([ids])

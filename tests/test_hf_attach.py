@@ -33,6 +33,7 @@ from engram.hf.attach import (
     engram_param_groups,
     engram_parameters,
     freeze_backbone,
+    get_attachment,
     load_engram,
     save_engram,
 )
@@ -133,7 +134,7 @@ def test_attaching_starts_as_the_base_model(tok, spec):
     with torch.no_grad():
         model.model.layers[0].engram.value_proj.weight.normal_()  # no longer the identity
     assert not torch.equal(model(ids, attention_mask=mask).logits, before)
-    model.engram_attachment.remove(model)
+    get_attachment(model).remove(model)
     assert torch.equal(model(ids, attention_mask=mask).logits, before)
     assert not any(hasattr(layer, "engram") for layer in model.model.layers)
 

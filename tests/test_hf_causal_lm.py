@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from engram.hf.causal_lm import (
     EngramCache,
-    EngramConfig,
     EngramForCausalLM,
+    EngramHFConfig,
     pack_vocab_map,
     unpack_vocab_map,
 )
@@ -230,7 +230,7 @@ def test_spec_and_tokenizer_mismatch_fail_at_load(wrapped, tok, tmp_path):
     with pytest.raises(ValueError, match="resolved for tokenizer"):
         EngramForCausalLM.from_engram(model, other)
     with pytest.raises(ValueError, match="does not match the config"):
-        EngramForCausalLM(EngramConfig.from_engram(model, tok), lm=_model(tok, 4))
+        EngramForCausalLM(EngramHFConfig.from_engram(model, tok), lm=_model(tok, 4))
 
 
 def test_vocab_map_packing():
@@ -247,8 +247,10 @@ def test_vocab_map_packing():
 @pytest.mark.parametrize("placement", ["device", "disk"])
 def test_from_run(tmp_path, monkeypatch, placement):
     """A run's tables, wherever it placed them, come back as weights that save and load."""
+    from engram.config import TrainConfig
+    from engram.inference.load import load_trained
     from engram.tables.plan import TablePlan
-    from engram.train import TrainConfig, load_trained, train
+    from engram.train import train
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -261,7 +263,7 @@ def test_from_run(tmp_path, monkeypatch, placement):
     config = replace(config, tables=TablePlan(placement=placement, cache_rows=0))
     train(replace(config, steps=1, eval_tokens=32, out_dir=str(run), progress=False))
     hf = EngramForCausalLM.from_run(run).eval()
-    model, _, _, _ = load_trained(run, device="cpu")
+    model = load_trained(run, device="cpu").model
     ids = torch.randint(3, model.config.vocab_size, (1, 10))
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, model(ids))

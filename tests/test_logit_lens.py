@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engram.assembly import evaluate, pick_device
 from engram.cli import main
 from engram.experiments.layerwise import (
     QUICK_TOKENS,
@@ -18,7 +19,6 @@ from engram.experiments.layerwise import (
     readout,
 )
 from engram.experiments.logit_lens import lens_sums
-from engram.train import evaluate, pick_device
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
 from engram.cli import main
 from engram.experiments.memory import (
+    MEMORY_TRAIN,
     MemoryConfig,
     fit_log_linear,
     memory_arms,
@@ -56,7 +58,7 @@ def test_arms_share_the_backbone_and_pair_the_tables():
         assert requested <= slots < 1.05 * requested  # primes are searched upward
         assert counts.engram_tables == rows * model.engram.spec.row_dim
     engram, over = arms["engram-8192"], arms["overencoding-8192"]
-    assert (engram.engram.placement, over.engram.placement) == ("block", "input")
+    assert (engram.engram.site, over.engram.site) == ("block", "input")
     assert engram.engram.spec == over.engram.spec  # same tables, same addresses
     assert count_params_from_config(engram).engram_tables == (
         count_params_from_config(over).engram_tables
@@ -71,7 +73,7 @@ def test_bad_config():
     with pytest.raises(ValueError, match="must be >= 2"):
         MemoryConfig(slots=(1,), overencoding_slots=()).validate()
     with pytest.raises(ValueError, match="steps=0"):
-        MemoryConfig(steps=0).validate()
+        MemoryConfig(train=replace(MEMORY_TRAIN, steps=0)).validate()
 
 
 def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpus):

@@ -7,17 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+from engram.config import OptimConfig
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, MoEConfig, model_preset
 from engram.model.hyper import HyperConnection, sinkhorn
 from engram.model.moe import MoE
-from engram.optim import OptimConfig, Optimizers
+from engram.optim import Optimizers
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
 
 # The OverEncoding baseline: the tiny preset's own tables, added to the input embedding.
-OVERENCODING = replace(model_preset("tiny").engram, placement="input")
+OVERENCODING = replace(model_preset("tiny").engram, site="input")
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +161,8 @@ def test_config_errors(small_tok):
         cfg.with_(n_layers=1).validate()
     with pytest.raises(ValueError, match="exactly when the config has Engram"):
         EngramLM(cfg.with_(vocab_size=small_tok.vocab_size))
-    with pytest.raises(ValueError, match="placement='side'"):
-        cfg.with_(engram=replace(cfg.engram, placement="side")).validate()
+    with pytest.raises(ValueError, match="site='side'"):
+        cfg.with_(engram=replace(cfg.engram, site="side")).validate()
     with pytest.raises(ValueError, match="unknown model preset"):
         model_preset("huge")
     with pytest.raises(ValueError, match="max_seq_len"):

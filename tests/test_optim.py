@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engram.config import OptimConfig
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, model_preset
-from engram.optim import OptimConfig, Optimizers, check_groups, lr_factor
+from engram.optim import Optimizers, check_groups, lr_factor
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress

@@ -11,15 +11,18 @@ import pytest
 import torch
 from small_runs import small_config
 
+from engram.assembly import build_model, get_tokenizer
 from engram.checkpoint import read_manifest
 from engram.cli import main
+from engram.config import TrainConfig
+from engram.inference.load import load_trained
 from engram.module import lazy_tables
 from engram.tables import CachedStore, DiskStore, placed
 from engram.tables.lookup import fetch
 from engram.tables.packed import PackedStore
 from engram.tables.placed import PlacedTables
 from engram.tables.plan import LayerPlacement, TablePlan
-from engram.train import Run, TrainConfig, build_model, get_tokenizer, load_trained, train
+from engram.train import Run, train
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def final_table(run_dir: Path) -> torch.Tensor:
     """Layer 1's table after training, read through whatever placement the run used."""
-    model, *_ = load_trained(run_dir)
+    model = load_trained(run_dir).model
     memory = model.engram_layers[0]
     rows = torch.arange(memory.spec.layer_rows(memory.layer_id))
     H = memory.spec.heads_total
@@ -100,8 +103,8 @@ def test_a_trained_disk_table_is_read_in_place_read_only(corpus, tmp_path):
     train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
     ckpt = Path(read_manifest(out)["path"])
     saved = (ckpt / "tables/layer1.table").read_bytes()
-    model, *_ = load_trained(out)
-    disk = model.placed_tables.tables["layer1"].store.backing
+    model = load_trained(out).model
+    disk = model.engram_layers[0].row_source.store.backing
     assert isinstance(disk, PackedStore) and disk.path == ckpt / "tables/layer1.table"  # no copy
     with torch.no_grad():
         model(torch.randint(0, 300, (4, 80)))
@@ -114,16 +117,17 @@ def test_a_trained_disk_table_is_read_in_place_read_only(corpus, tmp_path):
 def test_placed_tables_become_embeddings_only_if_they_fit(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
-    model, *_ = load_trained(out)
+    trained = load_trained(out)
+    model = trained.model
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         expected = model(ids)
     monkeypatch.setattr(placed.os, "sysconf", lambda name: 1)  # one byte of free RAM
     with pytest.raises(ValueError, match="cannot become embeddings"):
-        model.placed_tables.embed(model)
+        trained.tables.embed()
     monkeypatch.undo()
-    model.placed_tables.embed(model)
-    assert model.row_prefetch is None and not model.placed_tables
+    trained.tables.embed()
+    assert not model._rows_hooks and not trained.tables  # nothing left to fetch ahead
     assert model.engram_layers[0].table is not None
     with torch.no_grad():
         assert torch.equal(model(ids), expected)
@@ -157,14 +161,16 @@ def test_prefetch_pins_batch_ahead_and_releases_everything(corpus, tmp_path):
     try:
         store = run.tables.tables["layer1"].store
         assert isinstance(store, CachedStore)
-        it = run.tables.prefetched(run.loader)
+        batches = iter(run.loader)
+        ahead = run.tables.pin_ahead(next(batches))
         for _ in range(3):
-            batch, pins = next(it)
+            batch, pins = ahead.result()
+            ahead = run.tables.pin_ahead(next(batches))  # the next batch, while this one trains
             ids = pins[0][1]
             assert bool(store.pin_counts(ids).ge(1).all())  # resident while this batch trains
             run.train_step(batch)
             run.tables.release(pins)
-        it.close()  # the queued batch's pins are released too
+        run.tables.release(ahead.result()[1])  # the batch pinned but never trained
         store.check_invariants()
         assert int(store._pins.sum()) == 0
         assert store.stats.hits > 0
@@ -188,7 +194,7 @@ def test_bad_plans_are_rejected(corpus, tmp_path):
     with lazy_tables():
         model, _ = build_model(config(corpus, tmp_path).model, tok, "t.json")
     with pytest.raises(ValueError, match=r"names layer\(s\) \[7\]"):
-        PlacedTables(model, plan, tmp_path)
+        PlacedTables(model.engram_layers, plan, tmp_path)
 
 
 def test_a_trained_embedding_converts_into_a_store(corpus, tmp_path):
@@ -200,7 +206,7 @@ def test_a_trained_embedding_converts_into_a_store(corpus, tmp_path):
         memory.table.weight.mul_(3.0)
     rows = torch.randint(0, 50, (2, 5, memory.spec.heads_total))
     want = memory.lookup(rows)
-    tables = PlacedTables(model, TablePlan(placement="disk"), tmp_path / "t")
+    tables = PlacedTables(model.engram_layers, TablePlan(placement="disk"), tmp_path / "t")
     try:
         assert torch.equal(memory.lookup(rows), want)
     finally:
@@ -235,15 +241,15 @@ def test_inference_fetches_each_forward_ahead_and_leaves_nothing_pinned(
 ):
     out = tmp_path / "run"
     train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
-    model, *_ = load_trained(out)
-    table = model.placed_tables.tables["layer1"]
-    assert model.row_prefetch is not None
+    trained = load_trained(out)
+    model, table = trained.model, trained.tables.tables["layer1"]
+    assert trained.tables.fetches_ahead(training=False) == ["layer1"]
     fetches = count_fetches(monkeypatch)
     ids = torch.randint(0, 300, (4, 80))  # 4 x 80 x 4 heads: above PREFETCH_MIN_LOOKUPS
     with torch.no_grad():
         first = model(ids)
         assert fetches == [[4, 80, 4]]
-        model.row_prefetch(model.hash(ids))  # a forward that stopped early: a stale prefetch
+        trained.tables.fetch(model.hash(ids), training=False)  # a forward that stopped early
         assert table.inflight is not None
         again = model(ids)
         step = model(ids[:, :1])  # a decode-sized forward reads through the cache directly
@@ -253,7 +259,8 @@ def test_inference_fetches_each_forward_ahead_and_leaves_nothing_pinned(
     store = table.store
     store.check_invariants()
     assert int(store._pins.sum()) == 0 and store.stats.hits > 0
-    model.row_prefetch = None  # the same logits without the prefetch
+    trained.tables._stop_fetching()  # the same logits without the fetch ahead
+    assert not model._rows_hooks
     with torch.no_grad():
         assert torch.equal(model(ids), first)
 
@@ -275,11 +282,12 @@ def test_training_with_rows_fetched_ahead_is_unchanged(corpus, tmp_path, monkeyp
     copy them on a side stream), forced on the CPU: the same losses and rows to the bit."""
     plan = ["log_every=1", *PLANS["disk+cache"]]
     plain = train(config(corpus, tmp_path / "plain", *plan))
-    monkeypatch.setattr(placed, "PREFETCH_MIN_LOOKUPS", 1)  # every forward, evaluation too
+    monkeypatch.setattr(placed, "PREFETCH_MIN_LOOKUPS", 1)  # every forward
     fetches = count_fetches(monkeypatch)
     run = Run(config(corpus, tmp_path / "ahead", *plan))
-    assert run.model.row_prefetch is None  # training on the CPU: the batch prefetch suffices
-    run.tables.fetch_ahead(run.model)  # as for tables off the device
+    assert run.tables.fetches_ahead(training=True) == []  # on the CPU the pins suffice
+    # As for tables off the device: every training forward's rows are read in a thread.
+    monkeypatch.setattr(PlacedTables, "_fetches_ahead", lambda self, table, training: True)
     ahead = train(run.config, run=run)
     assert len(fetches) >= 6  # one per training forward at least
     assert ahead["val_loss"] == plain["val_loss"]
@@ -290,12 +298,12 @@ def test_training_with_rows_fetched_ahead_is_unchanged(corpus, tmp_path, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_copies_host_rows_on_a_side_stream(corpus, tmp_path, monkeypatch):
     plan = ["log_every=1", "device=cuda", "tables.placement=host"]
-    plain_run = Run(config(corpus, tmp_path / "plain", *plan))
-    plain_run.model.row_prefetch = None  # every read in its layer, on the compute stream
-    plain = train(plain_run.config, run=plain_run)
+    with monkeypatch.context() as patch:  # every read in its layer, on the compute stream
+        patch.setattr(PlacedTables, "_fetches_ahead", lambda self, table, training: False)
+        plain = train(config(corpus, tmp_path / "plain", *plan))
     fetches = count_fetches(monkeypatch)
     run = Run(config(corpus, tmp_path / "ahead", *plan))
-    assert run.model.row_prefetch is not None  # host rows are off the device: fetched ahead
+    assert run.tables.fetches_ahead(training=True) == ["layer1"]  # host rows: off the device
     ahead = train(run.config, run=run)
     assert fetches and ahead["val_loss"] == plain["val_loss"]
     assert losses(tmp_path / "ahead") == losses(tmp_path / "plain")

@@ -11,8 +11,11 @@ import pytest
 import torch
 from small_runs import small_config
 
+from engram.assembly import build_model, evaluate
 from engram.cli import main
+from engram.config import TrainConfig
 from engram.data import build_shard
+from engram.inference.load import load_trained
 from engram.inference.quantized import (
     QuantizedSource,
     install_quantized,
@@ -22,7 +25,7 @@ from engram.inference.quantized import (
     save_quantized,
 )
 from engram.tables.quant import QuantizedStore, dequantize
-from engram.train import TrainConfig, evaluate, load_trained, train
+from engram.train import train
 
 BLOCK = 4  # the tiny preset's rows are 8 wide
 
@@ -75,14 +78,14 @@ def logits(model) -> torch.Tensor:
 
 
 def test_the_model_reads_exactly_the_dequantised_rows(run):
-    model, *_ = load_trained(run)
+    model = load_trained(run).model
     memory = model.engram_layers[0]
     want = logits(model)
     stores = quantize_tables(model, "int8", BLOCK)
     report = quantization_report(model, stores)
     store = stores["layer1"]
     # The same model with its float table overwritten by the dequantised rows: the reference.
-    reference, *_ = load_trained(run)
+    reference = load_trained(run).model
     every = torch.arange(store.num_rows)
     with torch.no_grad():
         reference.engram_layers[0].table.weight.copy_(dequantize(*store.read_raw(every)))
@@ -100,7 +103,8 @@ def test_the_model_reads_exactly_the_dequantised_rows(run):
 
 
 def test_int8_and_fp8_keep_the_validation_loss(run):
-    model, tok, cfg, _ = load_trained(run)
+    trained = load_trained(run)
+    model, tok, cfg = trained.model, trained.tokenizer, trained.config
     val = build_shard(cfg.data, "val", tok).tokens
     device = torch.device("cpu")
     fp32 = evaluate(model, val, cfg, device)
@@ -112,14 +116,14 @@ def test_int8_and_fp8_keep_the_validation_loss(run):
 
 
 def test_save_load_round_trip_gives_identical_logits(run, tmp_path):
-    model, *_ = load_trained(run)
+    model = load_trained(run).model
     stores = quantize_tables(model, "int8", BLOCK)
     report = quantization_report(model, stores)
     folder = save_quantized(tmp_path / "q", stores, {**report, "source": {"step": 8}})
     install_quantized(model, stores)
     want = logits(model)
 
-    fresh, *_ = load_trained(run)
+    fresh = load_trained(run).model
     loaded, manifest = load_quantized(folder, fresh)
     install_quantized(fresh, loaded)
     assert torch.equal(logits(fresh), want)
@@ -135,12 +139,12 @@ def test_save_load_round_trip_gives_identical_logits(run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     with pytest.raises(ValueError, match="exists"):
         save_quantized(folder, loaded)
-    save_quantized(folder, quantize_tables(load_trained(run)[0], "fp8"), overwrite=True)
+    save_quantized(folder, quantize_tables(load_trained(run).model, "fp8"), overwrite=True)
     assert load_quantized(folder)[1]["kind"] == "fp8"
 
 
 def test_tables_are_frozen_under_grad(run):
-    model, *_ = load_trained(run)
+    model = load_trained(run).model
     stores = quantize_tables(model, "int8")
     install_quantized(model, stores)
     model.train()
@@ -155,7 +159,7 @@ def test_tables_are_frozen_under_grad(run):
 
 
 def test_a_folder_fits_only_its_model(run, foreign_run, tmp_path):
-    model, *_ = load_trained(run)
+    model = load_trained(run).model
     stores = quantize_tables(model, "int8")
     memory = model.engram_layers[0]
     with pytest.raises(ValueError, match="not this model's"):
@@ -163,7 +167,7 @@ def test_a_folder_fits_only_its_model(run, foreign_run, tmp_path):
     small = QuantizedStore.from_values(torch.randn(10, memory.spec.row_dim), "int8")
     with pytest.raises(ValueError, match="10 x 8 rows"):
         install_quantized(model, {"layer1": small})
-    foreign, *_ = load_trained(foreign_run)
+    foreign = load_trained(foreign_run).model
     with pytest.raises(ValueError, match="another model"):
         install_quantized(foreign, stores)
     with pytest.raises(ValueError, match="not a quantised-tables folder"):
@@ -209,8 +213,9 @@ def test_cli_rejects_bad_input_with_status_2(run, foreign_run, tmp_path, capsys)
 
 
 def test_a_host_placed_table_quantises_from_its_store(host_run, tmp_path, capsys):
-    model, tok, cfg, _ = load_trained(host_run)
-    placed = model.placed_tables.tables["layer1"]
+    trained = load_trained(host_run)
+    model, tok, cfg = trained.model, trained.tokenizer, trained.config
+    placed = trained.tables.tables["layer1"]
     assert model.engram_layers[0].table is None
     val = build_shard(cfg.data, "val", tok).tokens
     fp32 = evaluate(model, val, cfg, torch.device("cpu"))
@@ -230,10 +235,14 @@ def test_a_cached_disk_table_with_serving_prefetch(corpus, tmp_path):
     releases its pins before the float store is closed."""
     out = tmp_path / "run"
     train(config(corpus, out, "tables.placement=disk", "tables.cache_rows=2000", "steps=2"))
-    model, *_ = load_trained(out)
+    trained = load_trained(out)
+    model = trained.model
     want = logits(model)  # a forward through the prefetch
     stores = quantize_tables(model, "int8")
     install_quantized(model, stores)
-    assert model.row_prefetch is None
+    assert trained.tables.fetches_ahead(training=False) == []  # nothing left to fetch
     got = logits(model)
+    assert trained.tables.tables["layer1"].inflight is None
+    fresh, _ = build_model(trained.config.model, trained.tokenizer, "tokenizer.json")
+    assert set(vars(model)) == set(vars(fresh))  # placed and quantised, nothing set on it
     assert 0 < float((got - want).abs().max()) < 0.05 * float(want.std())

@@ -5,6 +5,7 @@ bits an `nn.Embedding` gives; every comparison of floats here is exact unless a 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -18,15 +19,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engram import checkpoint
 from engram.module import HashedMemory
 from engram.rowinit import _GOLDEN, _MASK64, RowInit, splitmix64, splitmix64_int
-from engram.tables import packed, persist
+from engram.tables import packed
 from engram.tables.base import ALL, VALUE, RowStore, TableLayout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import lookup
-from engram.tables.optim import RowAdagrad, RowAdam, make_row_optimizer
 from engram.tables.packed import PackedStore, write_packed
-from engram.tables.persist import load_tables, save_tables
+from engram.tables.placed import restore_tables, write_tables
+from engram.tables.row_optim import RowAdagrad, RowAdam, make_row_optimizer
 from engram.tables.stores import DeviceStore, DiskStore, HostStore, copy_sparse
 
 INIT = RowInit(seed=7, table_id=1, std=1.0)
@@ -256,7 +258,7 @@ def test_cache_never_evicts_pinned_rows(tmp_path):
             cache.read(ids(12, 13))  # two new rows, one evictable slot
         assert cache.resident(ids(0, 1, 2)).all()
     assert cache.pin_counts(ids(0, 1, 2)).tolist() == [0, 0, 0]
-    with pytest.raises(ValueError, match="row 1 is not pinned"):
+    with pytest.raises(RuntimeError, match="row 1 is not pinned"):
         cache.unpin(ids(1))
     cache.read(ids(12, 13, 14, 15))  # unpinned now: all four slots are free to take
     cache.check_invariants()
@@ -548,6 +550,20 @@ def _snapshot(stores: dict[str, RowStore]) -> dict[str, torch.Tensor]:
     return {n: s.read(torch.arange(s.num_rows), ALL) for n, s in stores.items()}
 
 
+def save_tables(root: Path, step: int, stores: dict[str, RowStore], state: dict | None = None):
+    """A checkpoint of tables alone, committed as the trainer commits its own."""
+    return checkpoint.commit(
+        root, step, lambda tmp: {"tables": write_tables(tmp, stores), "state": state or {}}
+    )
+
+
+def load_tables(path: Path, stores: dict[str, RowStore]) -> dict:
+    folder = checkpoint.find_checkpoint(path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    restore_tables(folder, stores, manifest["tables"])
+    return manifest
+
+
 def _assert_snapshot(stores: dict[str, RowStore], expected: dict[str, torch.Tensor]) -> None:
     for name, snap in _snapshot(stores).items():
         assert_same(snap, expected[name])
@@ -567,7 +583,7 @@ def test_resume_is_bit_identical_and_crashes_keep_the_last_checkpoint(kind, tmp_
     _train(stores, opts, range(4, 6))
     for point in ("_write_manifest", "_point_latest", "fsync_dir"):  # crash between the steps
         with monkeypatch.context() as patch:
-            patch.setattr(persist, point, _raise)
+            patch.setattr(checkpoint, point, _raise)
             with pytest.raises(RuntimeError, match="crash"):
                 save_tables(tmp_path / "ckpt", 6, stores, {})
         assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step-0000004"

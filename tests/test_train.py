@@ -15,7 +15,9 @@ from small_runs import small_config
 
 from engram.checkpoint import find_checkpoint
 from engram.cli import main, train_config
-from engram.train import TrainConfig, load_trained, train
+from engram.config import TrainConfig
+from engram.inference.load import load_trained
+from engram.train import train
 
 ROOT = Path(__file__).parent.parent
 
@@ -83,7 +85,8 @@ def test_resume_refuses_another_model(corpus, tmp_path):
 
 def test_load_trained_and_eval_cli(corpus, tmp_path, capsys):
     train(config(corpus, tmp_path / "run", steps=2))
-    model, tok, cfg, manifest = load_trained(tmp_path / "run")
+    trained = load_trained(tmp_path / "run")
+    model, manifest = trained.model, trained.manifest
     assert manifest["step"] == 2 and not model.training
     assert main(["eval", "--ckpt", str(tmp_path / "run"), "eval_tokens=1024"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -95,7 +98,7 @@ def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
     ckpt = find_checkpoint(tmp_path / "run")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     assert main(["eval", "--ckpt", str(tmp_path / "run")]) == 2
-    assert "does not fit this model" in capsys.readouterr().err
+    assert "model.safetensors is unreadable" in capsys.readouterr().err
     (ckpt / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="unreadable manifest"):
         load_trained(tmp_path / "run")

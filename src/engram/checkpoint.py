@@ -7,8 +7,9 @@ A checkpoint is a folder `step-XXXXXXX/` holding
   the loader position, optimiser hyper-parameters, and RNG states;
 - attachments: folders other parts write into the checkpoint before it is committed, e.g.
   `tables/` for Engram tables held outside the model (`engram.tables.PlacedTables.write`);
-and is first written to a temporary folder, then renamed: a crash mid-write leaves the previous
-checkpoint as `latest`. Never pickle.
+and is first written to a temporary folder, fsynced, then renamed (`commit`): a crash mid-write
+leaves the previous checkpoint as `latest`. Never pickle. Table files inside a checkpoint are
+written by `engram.tables.placed.write_tables`; this is the only module that commits checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from engram.files import remove_later, sweep_trash
+from engram.files import fsync_dir, fsync_file, remove_later, sweep_trash
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
@@ -77,17 +78,14 @@ def save_checkpoint(
     keep: int = 2,
     attachments: Mapping[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
-    """Write `root/step-XXXXXXX` atomically, point `root/latest` at it, keep the newest `keep`.
+    """Write `root/step-XXXXXXX` atomically and durably (`commit`); keep the newest `keep`.
 
     Each attachment `name: write` is called with the folder `<checkpoint>/name` (not yet
     created) while the checkpoint is still temporary; what it returns goes into the manifest
     under `name`, so the attached files are committed by the same rename as the weights.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> dict[str, Any]:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, meta = {}, {}
         for name, opt in optimizers.items():
@@ -95,34 +93,79 @@ def save_checkpoint(
             tensors.update(t)
             meta[name] = m
         save_file(tensors, str(tmp / "optim.safetensors"))
+        for file in ("model.safetensors", "optim.safetensors"):
+            fsync_file(tmp / file)
         attached = {name: write(tmp / name) for name, write in (attachments or {}).items()}
-        full = {
-            "format_version": CHECKPOINT_FORMAT,
-            "step": step,
-            "optimizers": meta,
-            "rng": rng_state(),
-            **manifest,
-            **attached,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(full, indent=1))
-        if final.exists():
+        return {"optimizers": meta, "rng": rng_state(), **manifest, **attached}
+
+    return commit(root, step, write, keep)
+
+
+def commit(
+    root: str | Path, step: int, write: Callable[[Path], dict[str, Any]], keep: int = 2
+) -> Path:
+    """Commit `root/step-XXXXXXX`: `write(tmp)` fills a fresh folder and returns its manifest.
+
+    A crash (or an exception) at any point leaves `latest` naming the previous checkpoint,
+    untouched and loadable:
+
+        1. `write` fills a fresh `.tmp-*` folder (its files fsynced)
+        2. manifest.json is written and fsynced, then the folder
+        3. the folder is renamed to `step-XXXXXXX` (atomic), and `root` fsynced
+        4. `latest` is written to a temporary file, fsynced, renamed over `latest`, `root` fsynced
+        5. older checkpoints beyond `keep` are removed in the background (never `latest`)
+    """
+    if step < 0 or keep < 1:
+        raise ValueError(f"step={step} must be >= 0 and keep={keep} >= 1")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_trash(root)
+    for stale in root.glob(".tmp-*"):  # folders a crash left mid-write: never committed
+        remove_later(stale)
+    final = root / f"step-{step:07d}"
+    if final.exists() and _latest_name(root) == final.name:
+        raise ValueError(f"{final} is the latest checkpoint; save a later step")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        manifest = {"format_version": CHECKPOINT_FORMAT, "step": step, **write(tmp)}
+        _write_manifest(tmp, manifest)
+        fsync_dir(tmp)
+        if final.exists():  # committed by a run that crashed before moving `latest`
             remove_later(final)
         os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            remove_later(tmp)
-    _write_latest(root, final.name)
-    sweep_trash(root)
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        fsync_dir(root)
+    except BaseException:
+        remove_later(tmp)
+        raise
+    _point_latest(root, final.name)
+    older = [p for p in sorted(root.glob("step-*")) if p.name != final.name]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         remove_later(old)  # a checkpoint with disk tables can take minutes to free (engram.files)
     return final
 
 
-def _write_latest(root: Path, name: str) -> None:
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    with open(folder / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _point_latest(root: Path, name: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".latest-")
     with os.fdopen(fd, "w") as f:
         f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
+    fsync_dir(root)
+
+
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -147,12 +190,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads((ckpt / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint {ckpt} has an unreadable manifest: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"checkpoint {ckpt} has a manifest that is not a JSON object")
     if manifest.get("format_version") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"checkpoint {ckpt} has format_version "
             f"{manifest.get('format_version')!r}; this library reads "
             f"{CHECKPOINT_FORMAT}"
         )
+    # What save_checkpoint writes itself, then what a run's manifest adds and resuming or
+    # loading reads: a damaged manifest is refused here, not as a KeyError halfway through.
+    required = ("step", "optimizers", "rng", "config", "spec", "tokenizer_fingerprint")
+    required += ("loader", "tokens_seen", "curve")
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt} has a manifest without {', '.join(missing)}")
     manifest["path"] = str(ckpt)
     return manifest
 
@@ -163,19 +215,29 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> dict[str, Any]:
     """Load weights (and optimiser states) into already-built objects; returns the manifest."""
+    # Imported here: this function's body is all that this change may touch in the module.
+    from safetensors import SafetensorError
+
     manifest = read_manifest(path)
     ckpt = Path(manifest["path"])
+    # Only the errors a damaged or foreign file causes are the user's; anything else is a bug.
     try:
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    except Exception as e:  # safetensors raises its own types for corrupt files and bad shapes
-        raise ValueError(f"checkpoint {ckpt} does not fit this model: {e}") from e
+    except (SafetensorError, OSError) as e:  # truncated, garbage, missing
+        raise ValueError(f"checkpoint {ckpt}: model.safetensors is unreadable: {e}") from e
+    except RuntimeError as e:  # torch's size mismatches, one line per tensor
+        shapes = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"checkpoint {ckpt} does not fit this model: {shapes}") from e
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     if optimizers:
-        tensors = load_file(str(ckpt / "optim.safetensors"))
+        try:
+            tensors = load_file(str(ckpt / "optim.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint {ckpt}: optim.safetensors is unreadable: {e}") from e
         for name, opt in optimizers.items():
             if name not in manifest["optimizers"]:
                 raise ValueError(f"checkpoint {ckpt} has no state for optimiser {name!r}")

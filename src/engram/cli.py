@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from engram.config_io import apply_overrides, parse_assignments
+from engram.config import apply_overrides, parse_assignments
+from engram.files import check_writable
 from engram.spec import PRESETS, HashSpec, SpecConfig, preset, resolve
 
 
@@ -24,6 +25,12 @@ def _spec_config(args: argparse.Namespace) -> SpecConfig:
 
 def _spec_from_args(args: argparse.Namespace) -> HashSpec:
     return resolve(_spec_config(args))
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """An explicit `--out` folder must take files: fail before the work, not after it."""
+    if getattr(args, "out", None):
+        check_writable(args.out)
 
 
 def cmd_vocab(args: argparse.Namespace) -> None:
@@ -112,23 +119,17 @@ def cmd_hash(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
+    from engram.experiments.arms import study_from_args
     from engram.experiments.demo import QUICK, DemoConfig, run_demo
 
-    demo = QUICK if args.quick else DemoConfig()
-    changes = {"seeds": tuple(int(s) for s in args.seeds.split(","))} if args.seeds else {}
-    for key in ("steps", "data", "out"):
-        if getattr(args, key) is not None:
-            changes["out_dir" if key == "out" else key] = getattr(args, key)
-    run_demo(replace(demo, **changes))
+    _check_out(args)
+    run_demo(study_from_args(args, DemoConfig(), QUICK))
 
 
 def train_config(recipe: str | None, overrides: Sequence[str]):
     """Defaults < recipe < key=value. `preset=NAME` (in either) picks the model preset first."""
-    from engram.config_io import load_recipe
+    from engram.config import TrainConfig, load_recipe
     from engram.model import model_preset
-    from engram.train import TrainConfig
 
     values = load_recipe(recipe) if recipe else {}
     values.update(parse_assignments(list(overrides)))
@@ -141,18 +142,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engram.train import train
 
     config = train_config(args.recipe, args.overrides)
-    summary = train(config, resume=args.resume)
+    check_writable(config.out_dir)  # before the tokenizer and data are built
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from engram.assembly import evaluate, pick_device
     from engram.data import build_shard
-    from engram.train import evaluate, load_trained, pick_device
+    from engram.inference.load import load_trained
 
-    model, tok, config, manifest = load_trained(args.ckpt, device=args.device)
-    config = apply_overrides(config, parse_assignments(args.overrides))
+    trained = load_trained(args.ckpt, device=args.device)
+    model, manifest = trained.model, trained.manifest
+    config = apply_overrides(trained.config, parse_assignments(args.overrides))
     quantized = _install_tables(model, args.tables) if args.tables else None
-    val = build_shard(config.data, "val", tok).tokens
+    val = build_shard(config.data, "val", trained.tokenizer).tokens
     device = pick_device(args.device)
     report = {
         "ckpt": manifest["path"],
@@ -177,6 +181,7 @@ def _install_tables(model, folder: str) -> dict:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from engram.inference.load import load_trained
     from engram.inference.quantized import (
         quantization_report,
         quantize_tables,
@@ -184,12 +189,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         summary,
     )
     from engram.tables.quant import payload_dtype
-    from engram.train import load_trained
 
     payload_dtype(args.kind)  # an unknown kind fails before the model is loaded
     if args.block < 0:
         raise ValueError(f"--block {args.block} must be >= 0 (0: one scale per row)")
-    model, _, _, manifest = load_trained(args.ckpt, device=args.device)
+    if args.out:  # the folder itself must not exist yet (save_quantized renames into it)
+        check_writable(Path(args.out).parent)
+    trained = load_trained(args.ckpt, device=args.device)
+    model, manifest = trained.model, trained.manifest
     stores = quantize_tables(model, args.kind, args.block)
     report = quantization_report(model, stores)
     report["source"] = {"ckpt": manifest["path"], "step": manifest["step"]}
@@ -210,7 +217,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from engram.inference import SamplingConfig, generate
-    from engram.train import load_trained
+    from engram.inference.load import load_trained
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -221,7 +228,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
-    model, tok, _, _ = load_trained(args.ckpt, device=args.device)
+    trained = load_trained(args.ckpt, device=args.device)
+    model, tok = trained.model, trained.tokenizer
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -269,9 +277,9 @@ class _Streamer:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from engram.config_io import to_dict
+    from engram.config import to_dict
     from engram.model import model_preset
-    from engram.model.accounting import format_plan, plan_allocation, plan_from_moe
+    from engram.model.planner import format_plan, plan_allocation, plan_from_moe
 
     base = apply_overrides(model_preset(args.preset), parse_assignments(args.overrides))
     if args.p_tot is not None or args.p_act is not None:
@@ -316,6 +324,11 @@ STUDIES = (
 )
 
 
+def _run_study(args: argparse.Namespace) -> None:
+    _check_out(args)
+    args.run_study(args)
+
+
 def _add_studies(sub) -> None:
     import importlib
 
@@ -325,7 +338,7 @@ def _add_studies(sub) -> None:
         module = importlib.import_module(f"engram.experiments.{name.replace('-', '_')}")
         p = studies.add_parser(name, help=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(func=module.run_cli)
+        p.set_defaults(func=_run_study, run_study=module.run_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe and key=value overrides")
     p.add_argument("--recipe", help="a TOML recipe (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir exactly")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in out_dir (its metrics, checkpoints and tables are deleted)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -416,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps per arm")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/demo or runs/demo-quick)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig field for every arm (repeatable), e.g. --set optim.lr=1e-3",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -425,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except ValueError as e:
-        print(f"engram {args.command}: error: {e}", file=sys.stderr)
+        # One line, always: some messages quote a library's multi-line text.
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"engram {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

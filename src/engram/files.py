@@ -14,8 +14,10 @@ leftovers the same way, and the places that write tables call it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -60,6 +62,39 @@ def remove_later(path: str | Path) -> threading.Thread | None:
     return delete_in_background(hidden)
 
 
+def writable_dir(path: str | Path) -> Path:
+    """`path` as a folder that exists and takes new files, made if needed.
+
+    Called before a command's work starts, so that an output folder the user cannot write is one
+    clear error (ValueError naming the path) rather than a traceback minutes into a run.
+    """
+    path = check_writable(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file of that name appeared since the check
+        raise ValueError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
+def check_writable(path: str | Path) -> Path:
+    """ValueError unless a folder could be made at `path` and take files; creates nothing.
+
+    For commands that check their output folder before validating the rest of their input (a
+    mistake must leave no folder behind): a temporary folder in the nearest existing ancestor
+    proves the write, even for root, whom permission bits do not stop.
+    """
+    path = Path(path)
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(ancestor))
+        with tempfile.TemporaryDirectory(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
 def sweep_trash(folder: str | Path) -> None:
     """Remove, in the background, what an earlier process left to delete in `folder`."""
     folder = Path(folder)
@@ -69,3 +104,21 @@ def sweep_trash(folder: str | Path) -> None:
                 busy = leftover in _in_flight
             if not busy:
                 delete_in_background(leftover)
+
+
+def fsync_file(path: Path) -> None:
+    """Force a written file's data and size to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a directory durable (a rename is only durable once its folder is)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,10 +24,11 @@ Legend: B batch, T time, M branches, d hidden size, H heads (all orders), r row 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -179,15 +180,30 @@ def _next_window(ext: torch.Tensor, reach: torch.Tensor, R: int) -> torch.Tensor
     return window * (lag <= next_reach)[..., None, None]
 
 
+class RowSource(Protocol):
+    """Rows a `HashedMemory` reads from outside itself (a placed or quantised table).
+
+    `store` is where the rows live (an `engram.tables.RowStore`): whoever installed the source
+    owns it and closes it; the module only reads through `read`.
+    """
+
+    store: Any
+
+    def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """e [B, T, H*r] for head-local rows [B, T, H] and each head's offset [H]."""
+        ...
+
+
 class HashedMemory(nn.Module):
     """One layer's hashed N-gram table: `lookup(rows [B,T,H]) -> e [B,T,D]`.
 
     Shared by `Engram` and its `OverEncoding` baseline, so that both address the same rows.
 
     Where the rows live is not this module's business. By default they are an `nn.Embedding`
-    (`self.table`). A placement plan (`engram.tables.plan`) may instead install a *row source*,
-    any callable `source(rows [B,T,H], offsets [H]) -> e [B,T,D]`, and drop the embedding: then
-    the rows can sit in host memory or on disk while this module's code stays the same. Under
+    (`self.table`). A placement plan (`engram.tables.plan`) may instead install a `RowSource`
+    (`source.read(rows [B,T,H], offsets [H]) -> e [B,T,D]` over `source.store`) and drop the
+    embedding: then the rows can sit in host memory or on disk while this module's code stays
+    the same. Under
     `lazy_tables()` the embedding is built on the meta device, so a table larger than memory is
     never allocated before the plan decides where it goes.
     """
@@ -205,7 +221,7 @@ class HashedMemory(nn.Module):
         )
         if not _LAZY_TABLES.get():
             self.materialize_table()
-        self.row_source: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.row_source: RowSource | None = None
         offsets = torch.tensor(spec.layer_offsets(layer_id), dtype=torch.int64)
         self.register_buffer("offsets", offsets, persistent=False)
 
@@ -217,8 +233,8 @@ class HashedMemory(nn.Module):
         with torch.no_grad():
             fill_initial(self.table.weight, self.init, self.spec.row_dim)
 
-    def use_row_source(self, source: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """Read rows through `source(rows, offsets)` from now on; the embedding is released."""
+    def use_row_source(self, source: RowSource) -> None:
+        """Read rows through `source.read(rows, offsets)` from now on; the embedding is released."""
         self.row_source, self.table = source, None
 
     def use_table(self, weight: torch.Tensor) -> None:
@@ -235,7 +251,7 @@ class HashedMemory(nn.Module):
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Every head's row, concatenated: rows [B, T, H] -> e [B, T, D]."""
         if self.row_source is not None:
-            return self.row_source(rows, self.offsets)
+            return self.row_source.read(rows, self.offsets)
         if self.table is None or self.table.weight.is_meta:
             raise ValueError(
                 f"layer {self.layer_id}'s table has no storage: it was built under "

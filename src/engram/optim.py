@@ -9,46 +9,19 @@ Two explicit groups, as the paper trains them (section 4):
 `check_groups` asserts that every trainable parameter sits in exactly one group.
 
 Tables placed outside the model by a `TablePlan` (host, disk, or a row-wise Adagrad) are not
-parameters at all: `PlacedTables` steps them with row-wise optimisers at the same rate (base x
-multiplier x schedule), after the torch optimisers.
+parameters at all: the trainer steps them (`PlacedTables.step`) with row-wise optimisers at the
+same rate (`Optimizers.table_lr`: base x multiplier x schedule), after the torch optimisers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from engram.config import OptimConfig
 from engram.model.lm import EngramLM
-from engram.tables.placed import PlacedTables
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # "cosine", "step" (x0.316 at 80% and 90%, as DeepSeek) or "constant"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # on the backbone's gradient norm; 0 disables
-    sparse_tables: bool = True  # False: dense Adam over the whole table (for comparisons)
-    backbone: str = "adamw"  # or "muon": Muon for hidden matrices, AdamW for the rest
-
-    def validate(self) -> None:
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(
-                f"lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]"
-            )
-        if self.backbone not in ("adamw", "muon"):
-            raise ValueError(f"backbone={self.backbone!r} must be adamw or muon")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule={self.schedule!r} must be cosine, step or constant")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_steps, weight_decay and grad_clip must be >= 0")
 
 
 def lr_factor(step: int, total: int, config: OptimConfig) -> float:
@@ -73,11 +46,9 @@ class Optimizers:
     matrices; AdamW keeps the embeddings, the LM head and every vector.
     """
 
-    def __init__(
-        self, model: EngramLM, config: OptimConfig, placed: PlacedTables | None = None
-    ) -> None:
+    def __init__(self, model: EngramLM, config: OptimConfig) -> None:
         config.validate()
-        self.config, self.placed, self.factor = config, placed, 1.0
+        self.config, self.factor = config, 1.0
         # Tables handed to a row store are no longer parameters; the rest stay embeddings.
         embedded = [e for e in model.engram_layers if e.table is not None]
         tables = [e.table.weight for e in embedded]
@@ -143,9 +114,13 @@ class Optimizers:
         for opt in self.all():
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if self.placed:
-            self.placed.step(self.config.lr * self.table_multiplier * self.factor)
         return norm
+
+    @property
+    def table_lr(self) -> float:
+        """The tables' current rate (base x multiplier x schedule), for placed tables' row
+        optimisers, which the trainer steps after these (`PlacedTables.step`)."""
+        return self.config.lr * self.table_multiplier * self.factor
 
 
 def check_groups(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:

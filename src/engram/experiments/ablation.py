@@ -23,11 +23,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.experiments.arms import ArmSettings, StudyTraining, train_arms
-from engram.experiments.report import machine_info, markdown_table, parse_list, pyplot, write_json
+from engram.assembly import get_tokenizer
+from engram.config import TrainConfig
+from engram.experiments.arms import (
+    STUDY_TRAIN,
+    Study,
+    add_set_argument,
+    study_from_args,
+    tokens_per_arm,
+    train_arms,
+)
+from engram.experiments.report import machine_info, markdown_table, pyplot, write_json
 from engram.model import ModelConfig, model_preset
 from engram.spec import SpecConfig
-from engram.train import get_tokenizer
 from engram.vocab import compress
 
 REFERENCE, NO_ENGRAM = "reference", "no-engram"
@@ -138,14 +146,17 @@ def ablation_arms(ref: ModelConfig) -> dict[str, Arm]:
     return arms
 
 
+# 150 x 16 x 256 = 614k tokens per arm. M = 4 about halves the M = 1 demo's ~4k tokens/s on
+# 2 cores (a 1.9-2.2x slower step, measured), so an arm takes ~5-6 minutes on an idle machine.
+ABLATION_TRAIN = replace(STUDY_TRAIN, steps=150)
+
+
 @dataclass(frozen=True)
-class AblationConfig(StudyTraining):
+class AblationConfig(Study):
     """The study: which arms, how long each trains, and the reference they are derived from."""
 
+    train: TrainConfig = ABLATION_TRAIN
     arms: tuple[str, ...] = ()  # () trains every arm; the two baselines are always trained
-    # 150 x 16 x 256 = 614k tokens per arm. M = 4 about halves the M = 1 demo's ~4k tokens/s on
-    # 2 cores (a 1.9-2.2x slower step, measured), so an arm takes ~5-6 minutes on an idle machine.
-    steps: int = 150
     hc_branches: int = 4
     out_dir: str = "runs/ablation"
 
@@ -162,20 +173,17 @@ class AblationConfig(StudyTraining):
         if self.hc_branches < 1:
             raise ValueError(f"hc_branches={self.hc_branches} must be >= 1")
         self.validate_training()
-        ArmSettings(steps=self.steps).validate()
         unknown = [a for a in self.arms if a not in self.all_arms()]
         if unknown:
             raise ValueError(f"unknown arms {unknown}; choose from {list(self.all_arms())}")
         if self.hc_branches == 1 and "no-branch-keys" in self.selected():
             raise ValueError("no-branch-keys needs hc_branches > 1: with M = 1 it changes nothing")
 
-    def settings(self) -> ArmSettings:
-        return ArmSettings.of(self)
-
 
 # Every arm, a few steps: exercises each arm's construction, training and the report.
 QUICK = AblationConfig(
-    steps=2, seq_len=64, batch_size=8, eval_tokens=1024, out_dir="runs/ablation-quick"
+    train=replace(STUDY_TRAIN, steps=2, seq_len=64, batch_size=8, eval_tokens=1024),
+    out_dir="runs/ablation-quick",
 )
 
 HELP = "remove one Engram component at a time (gate, conv, keys, compression, layers)"
@@ -191,22 +199,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="training steps per arm (default 150)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/ablation[-quick])")
+    add_set_argument(p)
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    cfg = QUICK if args.quick else AblationConfig()
-    changes: dict[str, Any] = {}
-    if args.arms:
-        changes["arms"] = parse_list(args.arms, str, "arms")
-    if args.seeds:
-        changes["seeds"] = parse_list(args.seeds, int, "seeds")
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.data:
-        changes["data"] = args.data
-    if args.out:
-        changes["out_dir"] = args.out
-    run_ablation(replace(cfg, **changes))
+    run_ablation(study_from_args(args, AblationConfig(), QUICK, {"arms": str}))
 
 
 def run_ablation(cfg: AblationConfig = AblationConfig()) -> dict[str, Any]:
@@ -215,21 +212,19 @@ def run_ablation(cfg: AblationConfig = AblationConfig()) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    vocab = compress(get_tokenizer(cfg.tokenizer, cfg.data))
+    vocab = compress(get_tokenizer(cfg.train.tokenizer, cfg.train.data))
     arms = cfg.selected()
-    results = train_arms(
-        cfg.settings(), {n: a.config for n, a in arms.items()}, cfg.seeds, out, cfg.reuse
-    )
+    results = train_arms(cfg, {n: a.config for n, a in arms.items()}, out)
     report = {
         "arms": compare(arms, results),
         "compression": {
-            "tokenizer": cfg.tokenizer,
+            "tokenizer": cfg.train.tokenizer,
             "vocab_size": vocab.vocab_size,
             "canonical_ids": vocab.size,
             "reduction": vocab.reduction,
         },
-        "tokens_per_arm": cfg.settings().tokens,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+        "tokens_per_arm": tokens_per_arm(cfg.train),
+        "config": cfg.report_config("steps"),
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }

@@ -15,21 +15,29 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.experiments.arms import ArmSettings, StudyTraining, train_arms
+from engram.assembly import get_tokenizer
+from engram.experiments.arms import (
+    STUDY_TRAIN,
+    Study,
+    add_set_argument,
+    study_from_args,
+    tokens_per_arm,
+    train_arms,
+)
 from engram.experiments.report import (
     machine_info,
     markdown_table,
-    parse_list,
     plot_curves,
     write_json,
 )
 from engram.model import ModelConfig, model_preset
-from engram.model.accounting import plan_from_moe
-from engram.train import get_tokenizer
+from engram.model.planner import plan_from_moe
 
 
 @dataclass(frozen=True)
-class AllocationConfig(StudyTraining):
+class AllocationConfig(Study):
+    """The sweep: each budget (the template's steps replaced) trains every rho."""
+
     rhos: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2)
     budgets: tuple[int, ...] = (150, 300)  # training steps of 16 x 256 tokens
     out_dir: str = "runs/allocation"
@@ -41,16 +49,11 @@ class AllocationConfig(StudyTraining):
             raise ValueError(f"budgets={list(self.budgets)} must be non-empty and >= 1 step")
         self.validate_training()
 
-    def settings(self, steps: int) -> ArmSettings:
-        return ArmSettings.of(self, steps)
-
 
 QUICK = AllocationConfig(
     rhos=(1.0, 0.8, 0.4),
     budgets=(10, 20),
-    seq_len=64,
-    batch_size=8,
-    eval_tokens=8192,
+    train=replace(STUDY_TRAIN, seq_len=64, batch_size=8, eval_tokens=8192),
     out_dir="runs/allocation-quick",
 )
 
@@ -65,22 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
+    add_set_argument(p)
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    cfg = QUICK if args.quick else AllocationConfig()
-    changes: dict = {}
-    if args.rhos:
-        changes["rhos"] = parse_list(args.rhos, float, "rhos")
-    if args.budgets:
-        changes["budgets"] = parse_list(args.budgets, int, "budgets")
-    if args.seeds:
-        changes["seeds"] = parse_list(args.seeds, int, "seeds")
-    if args.data:
-        changes["data"] = args.data
-    if args.out:
-        changes["out_dir"] = args.out
-    run_allocation(replace(cfg, **changes))
+    lists = {"rhos": float, "budgets": int}
+    run_allocation(study_from_args(args, AllocationConfig(), QUICK, lists))
 
 
 def allocation_arms(base: ModelConfig, rhos: tuple[float, ...]) -> dict[float, Any]:
@@ -95,14 +88,13 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    get_tokenizer(cfg.tokenizer, cfg.data)
+    get_tokenizer(cfg.train.tokenizer, cfg.train.data)
     plans = allocation_arms(model_preset(cfg.preset), cfg.rhos)
     sweeps: dict[str, list[dict]] = {}
     for steps in cfg.budgets:
-        settings = cfg.settings(steps)
         arms = {f"rho-{rho}": plan.config for rho, plan in plans.items()}
-        results = train_arms(settings, arms, cfg.seeds, out / f"steps-{steps}", cfg.reuse)
-        sweeps[f"{settings.tokens:,} tokens"] = [
+        results = train_arms(cfg, arms, out / f"steps-{steps}", steps=steps)
+        sweeps[f"{tokens_per_arm(replace(cfg.train, steps=steps)):,} tokens"] = [
             {
                 "rho": rho,
                 "rho_achieved": plan.rho,
@@ -112,12 +104,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
         ]
     report = {
         "sweeps": sweeps,
-        "config": {
-            **cfg.__dict__,
-            "rhos": list(cfg.rhos),
-            "budgets": list(cfg.budgets),
-            "seeds": list(cfg.seeds),
-        },
+        "config": cfg.report_config(),
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }

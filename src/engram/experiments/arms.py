@@ -1,98 +1,162 @@
-"""Training the arms of a study: shared settings, reuse of finished runs, mean and spread.
+"""Training the arms of a study: one TrainConfig template, reuse of finished runs, mean and spread.
 
 Every study compares arms (model configs) trained with the same data, tokens, schedule and
-seeds. `train_arm` writes `summary.json` beside the run; a later call with the identical
-resolved config reads it back instead of training again, so an interrupted study restarts
-where it stopped and a report can be rebuilt without retraining. Any change to the config
-(steps, seed, model, data...) trains afresh.
+seeds: an arm is the study's template `TrainConfig` plus its model, seed and folder, and the
+user's `key=value` overrides (the syntax of `engram train`), built by `arm_config`. `train_arm`
+writes `summary.json` beside the run; a later call with the identical resolved config reads it
+back instead of training again, so an interrupted study restarts where it stopped and a report
+can be rebuilt without retraining. Any change to the config (steps, seed, model, data...)
+trains afresh.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from engram.config_io import from_dict, to_dict
+from engram.config import (
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    parse_assignments,
+    to_dict,
+)
+from engram.experiments.report import parse_list
 from engram.model import ModelConfig
 from engram.model.accounting import count_params_from_config
-from engram.optim import OptimConfig
-from engram.train import TrainConfig, train
+from engram.train import train
 
 SUMMARY = "summary.json"
 
+# The CPU-scale runs committed under `results/`: 16 x 256 tokens per step, 131,072 validation
+# tokens. eval_every 0: each arm evaluates only at its end (see `arm_config`).
+STUDY_TRAIN = TrainConfig(
+    optim=OptimConfig(lr=3e-3),
+    tokenizer="bpe:4096",
+    seq_len=256,
+    batch_size=16,
+    steps=300,  # 300 x 16 x 256 = 1.2M tokens, ~5 minutes per demo-size arm on 2 cores
+    eval_every=0,
+    eval_tokens=131072,
+)
+
+
+def arm_config(
+    template: TrainConfig,
+    model: ModelConfig,
+    seed: int,
+    out: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """One arm: `template` with this arm's model, seed and folder, then `overrides`.
+
+    Unless overridden, the warm-up is a tenth of the steps (at least one) and `eval_every` 0
+    means once, at the end: so a study's `--steps` alone rescales every arm's schedule.
+    """
+    overrides = dict(overrides or {})
+    config = replace(template, model=model, seed=seed, out_dir=str(out))
+    config = apply_overrides(config, overrides)  # first, so that what follows sees their steps
+    derived = {
+        "eval_every": config.eval_every or config.steps,
+        "optim.warmup_steps": max(1, config.steps // 10),
+    }
+    return apply_overrides(config, {k: v for k, v in derived.items() if k not in overrides})
+
+
+def check_template(template: TrainConfig) -> None:
+    if template.steps < 1:
+        raise ValueError(f"steps={template.steps} must be >= 1")
+    if template.eval_every < 0:
+        raise ValueError(f"eval_every={template.eval_every} must be >= 0")
+
+
+def tokens_per_arm(template: TrainConfig) -> int:
+    return template.steps * template.batch_size * template.seq_len
+
 
 @dataclass(frozen=True)
-class StudyTraining:
-    """What every training study shares, as the base of its config: the data, the tokens per
-    step, the validation tokens, the learning rate, the seeds and the reference preset.
+class Study:
+    """What every training study shares: the arms' template, seeds, reference preset, reuse."""
 
-    The defaults are the CPU-scale runs committed under `results/` (the `demo` preset, 16 x 256
-    tokens per step, 131,072 validation tokens).
-    """
-
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_tokens: int = 131072
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
+    train: TrainConfig = STUDY_TRAIN
     seeds: tuple[int, ...] = (0,)
     preset: str = "demo"
     reuse: bool = True  # read back finished runs with identical configs instead of retraining
+    overrides: tuple[str, ...] = ()  # key=value on every arm's TrainConfig (`--set`), last
 
     def validate_training(self) -> None:
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        check_template(self.train)
+        parse_assignments(list(self.overrides))
+
+    def arm(self, model: ModelConfig, seed: int, out: str | Path, **changes: Any) -> TrainConfig:
+        """One arm's config; `changes` replace template fields first (e.g. steps=budget)."""
+        template = replace(self.train, **changes)
+        return arm_config(template, model, seed, out, parse_assignments(list(self.overrides)))
+
+    def report_config(self, *train_keys: str) -> dict[str, Any]:
+        """The study's settings as its report lists them: flat, tuples as lists."""
+        t = self.train
+        flat: dict[str, Any] = {
+            "seq_len": t.seq_len,
+            "batch_size": t.batch_size,
+            "eval_tokens": t.eval_tokens,
+            "lr": t.optim.lr,
+            "tokenizer": t.tokenizer,
+            "data": t.data,
+            **{key: getattr(t, key) for key in train_keys},
+        }
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "train" and (f.name != "overrides" or value):
+                flat[f.name] = list(value) if isinstance(value, tuple) else value
+        return flat
 
 
-@dataclass(frozen=True)
-class ArmSettings:
-    """What every arm of a study shares (the paper trains all arms on the same tokens)."""
+S = TypeVar("S", bound=Study)
+TRAIN_FLAGS = ("steps", "eval_tokens", "data")  # CLI flags setting the template's own field
 
-    steps: int = 300  # 300 x 16 x 256 = 1.2M tokens, ~5 minutes per demo-size arm on 2 cores
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_tokens: int = 131072
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
 
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every={self.eval_every} must be >= 0")
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig field for every arm, as `engram train` takes it (repeatable), "
+        "e.g. --set optim.lr=1e-3 --set batch_size=8",
+    )
 
-    @classmethod
-    def of(cls, study: Any, steps: int | None = None) -> ArmSettings:
-        """The settings a study config shares by field name (its own `steps` unless given)."""
-        shared = ("seq_len", "batch_size", "eval_tokens", "lr", "tokenizer", "data")
-        steps = study.steps if steps is None else steps
-        return cls(steps=steps, **{name: getattr(study, name) for name in shared})
 
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
-
-    def train_config(self, model: ModelConfig, seed: int, out: Path) -> TrainConfig:
-        return TrainConfig(
-            model=model,
-            optim=OptimConfig(lr=self.lr, warmup_steps=max(1, self.steps // 10)),
-            tokenizer=self.tokenizer,
-            data=self.data,
-            seq_len=self.seq_len,
-            batch_size=self.batch_size,
-            steps=self.steps,
-            eval_every=self.eval_every or self.steps,
-            eval_tokens=self.eval_tokens,
-            seed=seed,
-            out_dir=str(out),
-        )
+def study_from_args(
+    args: argparse.Namespace,
+    full: S,
+    quick: S,
+    lists: Mapping[str, type] | None = None,
+    **changes: Any,
+) -> S:
+    """The study config a command line names: `--quick` picks the base, then `changes`, the
+    comma-separated `lists` (attribute -> item type) and `--seeds`, `--out`, the template flags
+    (`--steps`, `--eval-tokens`, `--data`) and the `--set` overrides."""
+    cfg = quick if args.quick else full
+    for name, kind in {**(lists or {}), "seeds": int}.items():
+        if getattr(args, name, None):
+            changes[name] = parse_list(getattr(args, name), kind, name.replace("_", "-"))
+    given = {k: getattr(args, k, None) for k in TRAIN_FLAGS}
+    train = apply_overrides(cfg.train, {k: v for k, v in given.items() if v not in (None, "")})
+    sets = tuple(getattr(args, "set", None) or ())
+    parse_assignments(list(sets))  # a malformed key=value fails before any work
+    if getattr(args, "out", None):
+        changes["out_dir"] = args.out
+    return replace(cfg, train=train, overrides=cfg.overrides + sets, **changes)
 
 
 def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
@@ -103,7 +167,7 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     # Read back through the dataclasses so that a field added since (with a default that keeps
-    # the old behaviour, e.g. the Engram placement) does not orphan every finished run.
+    # the old behaviour, e.g. the Engram site) does not orphan every finished run.
     try:
         saved_config = _jsonable(from_dict(TrainConfig, saved.get("config") or {}))
     except ValueError:
@@ -115,11 +179,9 @@ def _jsonable(config: TrainConfig) -> Any:
     return json.loads(json.dumps(to_dict(config)))  # tuples become lists, as when read back
 
 
-def train_arm(
-    settings: ArmSettings, model: ModelConfig, seed: int, out: Path, reuse: bool = True
-) -> dict[str, Any]:
+def train_arm(config: TrainConfig, reuse: bool = True) -> dict[str, Any]:
     """Train one arm (or reuse its finished run); its summary plus parameter accounting."""
-    config = settings.train_config(model, seed, out)
+    out, model = Path(config.out_dir), config.model
     summary = finished_summary(config) if reuse else None
     if summary is None:
         shutil.rmtree(out, ignore_errors=True)  # a fresh, comparable run
@@ -132,7 +194,7 @@ def train_arm(
     counts = count_params_from_config(model)
     return {
         **summary,
-        "seed": seed,
+        "seed": config.seed,
         "p_tot": counts.p_tot,
         "p_act": counts.p_act,
         "table_params": counts.engram_tables,
@@ -163,33 +225,30 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_arms(
-    settings: ArmSettings,
-    arms: dict[str, ModelConfig],
-    seeds: tuple[int, ...],
-    out: Path,
-    reuse: bool = True,
+    study: Study, arms: dict[str, ModelConfig], out: Path, **changes: Any
 ) -> dict[str, dict[str, Any]]:
-    """Train every arm for every seed (seed-major, so seed 0 of all arms finishes first)."""
-    settings.validate()
-    if not seeds:
-        raise ValueError("seeds must not be empty")
+    """Train every arm for every seed (seed-major, so seed 0 of all arms finishes first);
+    `changes` replace fields of the study's template (e.g. steps=budget)."""
+    study.validate_training()
+    check_template(replace(study.train, **changes))
     runs: dict[str, list[dict]] = {name: [] for name in arms}
-    for seed in seeds:
+    for seed in study.seeds:
         for name, model in arms.items():
             print(f"\n== arm {name} (seed {seed}) ==", flush=True)
-            runs[name].append(train_arm(settings, model, seed, out / f"seed-{seed}" / name, reuse))
+            config = study.arm(model, seed, out / f"seed-{seed}" / name, **changes)
+            runs[name].append(train_arm(config, study.reuse))
     return {name: aggregate(r) for name, r in runs.items()}
 
 
-def with_steps(settings: ArmSettings, steps: int) -> ArmSettings:
-    return replace(settings, steps=steps)
-
-
 __all__ = [
-    "ArmSettings",
+    "STUDY_TRAIN",
+    "Study",
+    "add_set_argument",
     "aggregate",
+    "arm_config",
     "finished_summary",
+    "study_from_args",
+    "tokens_per_arm",
     "train_arm",
     "train_arms",
-    "with_steps",
 ]

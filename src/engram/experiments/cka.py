@@ -92,7 +92,9 @@ class HsicAccumulator:
 
     def update(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != self.total.shape[0]:
-            raise ValueError(f"expected {self.total.shape[0]} representations, got {len(features)}")
+            raise RuntimeError(
+                f"expected {self.total.shape[0]} representations, got {len(features)}"
+            )
         self.total += hsic1_matrix(features).cpu()
         self.count += 1
 
@@ -263,7 +265,7 @@ def run_cka(
             "seq_len": pair.seq_len,
             "top_k": top_k,
         },
-        "models": {"engram": pair.engram.describe(), "baseline": pair.baseline.describe()},
+        "models": {arm: pair.describe(arm) for arm in ("engram", "baseline")},
         **result,
         "alignment": soft_alignment(torch.tensor(result["cka"]), top_k),
         "self_cka_diagonal_max_error": float(max((d - 1).abs().max() for d in diagonals)),

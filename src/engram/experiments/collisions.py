@@ -28,14 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engram.assembly import autocast_for, get_tokenizer, to_device
+from engram.config import TrainConfig
 from engram.data import build_shard, eval_batches
 from engram.experiments.collisions_report import write_report
 from engram.experiments.report import machine_info
 from engram.hashing import NgramHasher
+from engram.inference.load import load_trained
 from engram.model import EngramLM, model_preset
 from engram.spec import HashSpec, SpecConfig, resolve
 from engram.tokenizer import Tokenizer
-from engram.train import TrainConfig, autocast_for, get_tokenizer, load_trained, to_device
 from engram.vocab import compress
 
 # Frequency buckets of an N-gram in the split: [low, high] occurrences, high None = unbounded.
@@ -349,7 +351,8 @@ def load_subject(
             f"tokenizer={tokenizer!r} and spec={spec!r} must be None with ckpt={str(ckpt)!r}: "
             "the checkpoint's own tokenizer and hash spec are studied"
         )
-    model, tok, config, _ = load_trained(ckpt, device=device)
+    trained = load_trained(ckpt, device=device)
+    model, tok, config = trained.model, trained.tokenizer, trained.config
     if model.spec is None or model.hasher is None:
         raise ValueError(f"the model of ckpt={str(ckpt)!r} has no Engram layers: nothing to hash")
     return Subject(data or config.data, config.tokenizer, tok, model.hasher, model, config)

@@ -36,10 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engram.assembly import autocast_for, evaluate, to_device
+from engram.config import TrainConfig
 from engram.data import Batch, PackedLoader, eval_batches
 from engram.model import EngramLM, ModelConfig
 from engram.spec import HashSpec, SpecConfig
-from engram.train import Run, TrainConfig, autocast_for, evaluate, to_device, train
+from engram.train import Run, train
 
 Rows = dict[int, torch.Tensor]  # Engram layer id -> rows [B, T, H]
 ADDRESSINGS = ("hash", "constant", "random")

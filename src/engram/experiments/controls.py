@@ -22,9 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from engram.config_io import to_dict
+from engram.assembly import get_tokenizer
+from engram.config import TrainConfig, to_dict
 from engram.data import build_shard
-from engram.experiments.arms import SUMMARY, ArmSettings, StudyTraining, aggregate, finished_summary
+from engram.experiments.arms import (
+    STUDY_TRAIN,
+    SUMMARY,
+    Study,
+    add_set_argument,
+    aggregate,
+    finished_summary,
+    study_from_args,
+    tokens_per_arm,
+)
 from engram.experiments.control_arms import (
     CONTROLS,
     read_control,
@@ -32,19 +42,23 @@ from engram.experiments.control_arms import (
     train_control,
     unigram_losses,
 )
-from engram.experiments.report import machine_info, markdown_table, parse_list, pyplot, write_json
+from engram.experiments.report import machine_info, markdown_table, pyplot, write_json
 from engram.experiments.token_kinds import KINDS, WORDS, classify_stream, group_table, piece_texts
+from engram.inference.load import load_trained
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
-from engram.train import TrainConfig, get_tokenizer, load_trained
 
 VARIANTS = ("on", "off", "shuffled", "zeroed")
 
 
+# 150 x 16 x 256 = 614k tokens, ~2.5 minutes per demo-size arm on 2 cores
+CONTROLS_TRAIN = replace(STUDY_TRAIN, steps=150)
+
+
 @dataclass(frozen=True)
-class ControlsConfig(StudyTraining):
+class ControlsConfig(Study):
+    train: TrainConfig = CONTROLS_TRAIN
     arms: tuple[str, ...] = tuple(CONTROLS)
-    steps: int = 150  # 150 x 16 x 256 = 614k tokens, ~2.5 minutes per demo-size arm on 2 cores
     ckpt: str | None = None  # only the evaluation-time controls, on this trained run
     shuffle_seed: int = 0
     device: str = "auto"  # of the evaluation-time controls (training follows TrainConfig)
@@ -55,16 +69,14 @@ class ControlsConfig(StudyTraining):
         if unknown or not self.arms:
             raise ValueError(f"arms={list(self.arms)}: choose from {list(CONTROLS)}")
         self.validate_training()
-        if self.eval_tokens < self.seq_len + 1:
-            raise ValueError(f"eval_tokens={self.eval_tokens} must be > seq_len={self.seq_len}")
-        self.settings().validate()
-
-    def settings(self) -> ArmSettings:
-        return ArmSettings.of(self)
+        t = self.train
+        if t.eval_tokens < t.seq_len + 1:
+            raise ValueError(f"eval_tokens={t.eval_tokens} must be > seq_len={t.seq_len}")
 
 
 QUICK = ControlsConfig(
-    steps=6, seq_len=64, batch_size=8, eval_tokens=8192, out_dir="runs/controls-quick"
+    train=replace(STUDY_TRAIN, steps=6, seq_len=64, batch_size=8, eval_tokens=8192),
+    out_dir="runs/controls-quick",
 )
 
 
@@ -82,34 +94,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, help="validation tokens (default 131072)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/controls[-quick|-ckpt])")
+    add_set_argument(p)
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    cfg = QUICK if args.quick else ControlsConfig()
     changes: dict[str, Any] = {}
     if args.ckpt:
-        changes.update(ckpt=args.ckpt, out_dir=cfg.out_dir.replace("controls", "controls-ckpt"))
-    if args.arms:
-        changes["arms"] = parse_list(args.arms, str, "arms")
-    if args.seeds:
-        changes["seeds"] = parse_list(args.seeds, int, "seeds")
-    for key in ("steps", "eval_tokens", "data"):
-        if getattr(args, key) is not None:
-            changes[key] = getattr(args, key)
-    if args.out:
-        changes["out_dir"] = args.out
-    run_controls(replace(cfg, **changes))
+        out_dir = (QUICK if args.quick else ControlsConfig()).out_dir
+        changes.update(ckpt=args.ckpt, out_dir=out_dir.replace("controls", "controls-ckpt"))
+    run_controls(study_from_args(args, ControlsConfig(), QUICK, {"arms": str}, **changes))
 
 
 # ---- training controls ---------------------------------------------------------------------------
-def train_arm(
-    settings: ArmSettings, name: str, seed: int, out: Path, preset: str, reuse: bool = True
-) -> dict[str, Any]:
+def train_arm(cfg: ControlsConfig, name: str, seed: int, out: Path) -> dict[str, Any]:
     """Train one control arm (or reuse its finished run), as `arms.train_arm` trains plain arms."""
     control = CONTROLS[name]
-    model = control.model_config(model_preset(preset))
-    config = settings.train_config(model, seed, out)
-    summary = finished_summary(config) if reuse else None
+    model = control.model_config(model_preset(cfg.preset))
+    config = cfg.arm(model, seed, out)
+    summary = finished_summary(config) if cfg.reuse else None
     if summary is not None and read_control(out) == name:
         print(f"reusing the finished run in {out}", flush=True)
     else:
@@ -133,13 +135,12 @@ def train_arm(
 
 def train_controls(cfg: ControlsConfig, out: Path) -> dict[str, dict[str, Any]]:
     """Every arm for every seed (seed-major), aggregated over seeds as `arms.aggregate` does."""
-    settings = cfg.settings()
     runs: dict[str, list[dict]] = {name: [] for name in cfg.arms}
     for seed in cfg.seeds:
         for name in cfg.arms:
             print(f"\n== control {name} (seed {seed}) ==", flush=True)
             path = out / f"seed-{seed}" / name
-            runs[name].append(train_arm(settings, name, seed, path, cfg.preset, cfg.reuse))
+            runs[name].append(train_arm(cfg, name, seed, path))
     return {
         name: {
             **aggregate(r),
@@ -164,7 +165,13 @@ def eval_controls(
             f"{run_dir} was trained as control {read_control(Path(run_dir))!r}: the "
             "evaluation-time controls need a content-addressed run"
         )
-    model, tok, config, manifest = load_trained(run_dir, device=device)
+    trained = load_trained(run_dir, device=device)
+    model, tok, config, manifest = (
+        trained.model,
+        trained.tokenizer,
+        trained.config,
+        trained.manifest,
+    )
     if model.spec is None:
         raise ValueError(f"the model of {run_dir} has no Engram layers: nothing to control")
     config: TrainConfig = replace(config, eval_tokens=eval_tokens)
@@ -199,16 +206,17 @@ def run_controls(cfg: ControlsConfig = ControlsConfig()) -> dict[str, Any]:
     start = time.perf_counter()
     arms, ckpt = None, cfg.ckpt
     if ckpt is None:
-        get_tokenizer(cfg.tokenizer, cfg.data)  # trained once here, not inside the first arm
+        # Trained once here, not inside the first arm.
+        get_tokenizer(cfg.train.tokenizer, cfg.train.data)
         arms = train_controls(cfg, out)
         if "reference" in cfg.arms:
             ckpt = str(out / f"seed-{cfg.seeds[0]}" / "reference")
     evaluation = (
-        eval_controls(ckpt, cfg.eval_tokens, cfg.shuffle_seed, cfg.device) if ckpt else None
+        eval_controls(ckpt, cfg.train.eval_tokens, cfg.shuffle_seed, cfg.device) if ckpt else None
     )
     report = {
-        "config": {**cfg.__dict__, "arms": list(cfg.arms), "seeds": list(cfg.seeds)},
-        "tokens_per_arm": cfg.settings().tokens if arms else None,
+        "config": cfg.report_config("steps"),
+        "tokens_per_arm": tokens_per_arm(cfg.train) if arms else None,
         "arms": arms,
         "eval": evaluation,
         "machine": machine_info(),

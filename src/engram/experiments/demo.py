@@ -11,40 +11,71 @@ the exact accounting and the measured losses, whatever they show.
 
 from __future__ import annotations
 
-import math
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from engram.assembly import get_tokenizer
+from engram.config import TrainConfig
+from engram.experiments.arms import STUDY_TRAIN, Study, aggregate, train_arm
 from engram.experiments.report import machine_info, markdown_table, plot_curves, write_json
 from engram.model import ModelConfig, model_preset
-from engram.model.accounting import count_params_from_config, format_plan, plan_from_moe
-from engram.optim import OptimConfig
-from engram.train import TrainConfig, get_tokenizer, train
+from engram.model.planner import format_plan, plan_from_moe
 
 ARMS = ("moe", "engram", "dense")
 
 
+# 300 x 16 x 256 = 1.2M tokens per arm, ~5 minutes each on 2 cores
+DEMO_TRAIN = replace(STUDY_TRAIN, steps=300, eval_every=60)
+
+
 @dataclass(frozen=True)
-class DemoConfig:
-    steps: int = 300  # 300 x 16 x 256 = 1.2M tokens per arm, ~5 minutes each on 2 cores
-    seq_len: int = 256
-    batch_size: int = 16
-    eval_every: int = 60
-    eval_tokens: int = 131072
+class DemoConfig(Study):
+    """The arms' template, the Engram share rho, the seeds; every run is retrained afresh."""
+
+    train: TrainConfig = DEMO_TRAIN
+    reuse: bool = False  # always a fresh, comparable run
     rho: float = 0.8
-    lr: float = 3e-3
-    tokenizer: str = "bpe:4096"
-    data: str = "default"
-    seeds: tuple[int, ...] = (0,)
     out_dir: str = "runs/demo"
+
+    def report_config(self, *train_keys: str) -> dict[str, Any]:
+        t = self.train
+        return {
+            "steps": t.steps,
+            "seq_len": t.seq_len,
+            "batch_size": t.batch_size,
+            "eval_every": t.eval_every,
+            "eval_tokens": t.eval_tokens,
+            "rho": self.rho,
+            "lr": t.optim.lr,
+            "tokenizer": t.tokenizer,
+            "data": t.data,
+            "seeds": list(self.seeds),
+            "out_dir": self.out_dir,
+            **({"overrides": list(self.overrides)} if self.overrides else {}),
+        }
 
 
 QUICK = DemoConfig(
-    steps=40, seq_len=128, batch_size=8, eval_every=20, eval_tokens=16384, out_dir="runs/demo-quick"
+    train=replace(
+        STUDY_TRAIN, steps=40, seq_len=128, batch_size=8, eval_every=20, eval_tokens=16384
+    ),
+    out_dir="runs/demo-quick",
 )
+# What the report keeps of each run and of each arm's aggregate.
+RUN_KEYS = (
+    "p_tot",
+    "p_act",
+    "table_params",
+    "routed_experts",
+    "tokens",
+    "val_loss",
+    "val_ppl",
+    "tokens_per_s",
+    "curve",
+)
+PER_SEED_ONLY = ("seeds", "torch_threads_per_seed")
 
 
 def demo_arms(base: ModelConfig, rho: float) -> tuple[dict[str, ModelConfig], Any]:
@@ -56,64 +87,27 @@ def demo_arms(base: ModelConfig, rho: float) -> tuple[dict[str, ModelConfig], An
     return {"moe": moe, "engram": plan.config, "dense": dense}, plan
 
 
-def _train_arm(name: str, model: ModelConfig, demo: DemoConfig, seed: int, out: Path) -> dict:
-    config = TrainConfig(
-        model=model,
-        optim=OptimConfig(lr=demo.lr, warmup_steps=demo.steps // 10),
-        tokenizer=demo.tokenizer,
-        data=demo.data,
-        seq_len=demo.seq_len,
-        batch_size=demo.batch_size,
-        steps=demo.steps,
-        eval_every=demo.eval_every,
-        eval_tokens=demo.eval_tokens,
-        seed=seed,
-        out_dir=str(out / name),
-    )
-    shutil.rmtree(out / name, ignore_errors=True)  # always a fresh, comparable run
-    print(f"\n== arm {name} (seed {seed}) ==", flush=True)
-    summary = train(config)
-    counts = count_params_from_config(model)
-    return {
-        "p_tot": counts.p_tot,
-        "p_act": counts.p_act,
-        "table_params": counts.engram_tables,
-        "routed_experts": model.moe.num_routed if model.moe else 0,
-        "tokens": summary["tokens"],
-        "val_loss": summary["val_loss"],
-        "val_ppl": summary["val_ppl"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "curve": summary["curve"],
+def train_demo_arms(
+    demo: DemoConfig, arms: dict[str, ModelConfig]
+) -> tuple[dict[str, dict], list[dict[str, dict]]]:
+    """Every arm for every seed (one seed: directly under out_dir); aggregated, and per seed."""
+    demo.validate_training()
+    out = Path(demo.out_dir)
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for seed in demo.seeds:
+        seed_dir = out / f"seed-{seed}" if len(demo.seeds) > 1 else out
+        for name, model in arms.items():
+            print(f"\n== arm {name} (seed {seed}) ==", flush=True)
+            runs[name].append(train_arm(demo.arm(model, seed, seed_dir / name), demo.reuse))
+    aggregated = {
+        name: {k: v for k, v in aggregate(r).items() if k not in PER_SEED_ONLY}
+        for name, r in runs.items()
     }
-
-
-def _aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    """Mean over seeds, the spread (max - min) of the final loss, and the per-seed values."""
-    arms = {}
-    for name in ARMS:
-        runs = [s[name] for s in per_seed]
-        losses = [r["val_loss"] for r in runs]
-        mean_curve = [
-            [pts[0][0], sum(p[1] for p in pts) / len(pts)]
-            for pts in zip(*(r["curve"] for r in runs), strict=True)
-        ]
-        arm = {
-            k: runs[0][k] for k in ("p_tot", "p_act", "table_params", "routed_experts", "tokens")
-        }
-        arm.update(
-            val_loss=sum(losses) / len(losses),
-            val_loss_spread=max(losses) - min(losses),
-            val_loss_per_seed=losses,
-            val_ppl=math.exp(sum(losses) / len(losses)),
-            tokens_per_s=sum(r["tokens_per_s"] for r in runs) / len(runs),
-            curve=mean_curve,
-            band=[
-                [pts[0][0], min(p[1] for p in pts), max(p[1] for p in pts)]
-                for pts in zip(*(r["curve"] for r in runs), strict=True)
-            ],
-        )
-        arms[name] = arm
-    return arms
+    per_seed = [
+        {name: {k: r[i][k] for k in RUN_KEYS} for name, r in runs.items()}
+        for i in range(len(demo.seeds))
+    ]
+    return aggregated, per_seed
 
 
 def _markdown(report: dict, plan_text: str) -> str:
@@ -187,25 +181,24 @@ Validation loss after the same tokens: MoE {arms["moe"]["val_loss"]:.4f}, Engram
 """
 
 
-def run_demo(demo: DemoConfig = DemoConfig(), preset: str = "demo") -> dict[str, Any]:
-    """Train the three arms for every seed; write report.json, report.md and val_loss.png."""
+def run_demo(demo: DemoConfig = DemoConfig(), preset: str | None = None) -> dict[str, Any]:
+    """Train the three arms for every seed; write report.json, report.md and val_loss.png.
+
+    `preset` (default `demo.preset`) gives the MoE backbone the arms are built from."""
+    preset = preset or demo.preset
     out = Path(demo.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    get_tokenizer(demo.tokenizer, demo.data)  # build once, before the clocks of the arms start
+    # Build once, before the clocks of the arms start.
+    get_tokenizer(demo.train.tokenizer, demo.train.data)
     arms, plan = demo_arms(model_preset(preset), demo.rho)
     plan_text = format_plan(plan)
     print(plan_text, flush=True)
-    per_seed = []
-    for seed in demo.seeds:
-        seed_dir = out / f"seed-{seed}" if len(demo.seeds) > 1 else out
-        per_seed.append(
-            {name: _train_arm(name, cfg, demo, seed, seed_dir) for name, cfg in arms.items()}
-        )
+    aggregated, per_seed = train_demo_arms(demo, arms)
     report = {
-        "arms": _aggregate(per_seed),
+        "arms": aggregated,
         "per_seed": per_seed,
-        "config": {**demo.__dict__, "seeds": list(demo.seeds), "preset": preset},
+        "config": {**demo.report_config(), "preset": preset},
         "plan": {
             "rho": plan.rho,
             "num_routed": plan.num_routed,

@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from engram.assembly import pick_device
+from engram.config import TrainConfig
 from engram.experiments.gates_view import GateText, gates_html, plot_gates
 from engram.experiments.report import machine_info, markdown_table, parse_list, write_json
+from engram.inference.load import load_trained
 from engram.model import EngramLM, model_preset
 from engram.tokenizer import Tokenizer
-from engram.train import TrainConfig, load_trained, pick_device, train
+from engram.train import train
 
 DEFAULT_TEXTS = (
     'def mean(values: list[float]) -> float:\n    """The arithmetic mean."""\n'
@@ -198,7 +201,8 @@ def _load(cfg: GatesConfig) -> tuple[EngramLM, Tokenizer, str, dict[str, Any]]:
     if ckpt is None:
         ckpt = str(Path(cfg.out_dir) / "model")
         train(replace(QUICK_TRAIN, data=cfg.data, out_dir=ckpt, device=cfg.device))
-    model, tok, _, manifest = load_trained(ckpt, device=str(pick_device(cfg.device)))
+    trained = load_trained(ckpt, device=str(pick_device(cfg.device)))
+    model, tok, manifest = trained.model, trained.tokenizer, trained.manifest
     return model, tok, ckpt, manifest
 
 

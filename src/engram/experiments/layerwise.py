@@ -25,48 +25,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from engram.assembly import get_tokenizer
+from engram.config import TrainConfig
 from engram.data import build_shard, eval_batches
-from engram.experiments.arms import ArmSettings, train_arm
+from engram.experiments.arms import STUDY_TRAIN, arm_config, train_arm
+from engram.inference.load import Trained, load_trained
 from engram.model import EngramLM, model_preset
 from engram.model.accounting import count_params_from_config
-from engram.tokenizer import Tokenizer
-from engram.train import TrainConfig, get_tokenizer, load_trained
 
 # `--quick` without checkpoints: two tiny models (the `tiny` preset with and without Engram; M = 2
 # branches, so the hyper-connection readout is exercised) trained for seconds on the same tokens.
-QUICK_SETTINGS = ArmSettings(
-    steps=12, seq_len=64, batch_size=8, eval_tokens=4096, lr=3e-3, tokenizer="bpe:1024"
+QUICK_TRAIN: TrainConfig = replace(
+    STUDY_TRAIN, steps=12, seq_len=64, batch_size=8, eval_tokens=4096, tokenizer="bpe:1024"
 )
 QUICK_TOKENS = 4096  # validation tokens analysed by `--quick`
 FULL_RUN = "runs/demo-2seeds/seed-0"  # the documented full run: its `engram` and `moe` arms
 
 
-@dataclass(frozen=True)
-class Trained:
-    """One trained model of the pair and what the report says about it."""
-
-    path: str
-    model: EngramLM
-    tok: Tokenizer
-    config: TrainConfig
-    manifest: dict[str, Any]
-
-    def describe(self) -> dict[str, Any]:
-        c = self.config.model
-        counts = count_params_from_config(c, self.model.spec)
-        return {
-            "path": self.path,
-            "step": self.manifest["step"],
-            "tokens_trained": self.manifest.get("tokens_seen"),
-            "n_layers": c.n_layers,
-            "d_model": c.d_model,
-            "hc_branches": c.hc_branches,
-            "engram_layers": list(self.model.spec.layer_ids) if self.model.spec else [],
-            "routed_experts": c.moe.num_routed if c.moe else 0,
-            "p_tot": counts.p_tot,
-            "p_act": counts.p_act,
-            "table_params": counts.engram_tables,
-        }
+def describe(trained: Trained, path: str | Path) -> dict[str, Any]:
+    """What the report says about one model of the pair (`path`: as the user named it)."""
+    c, manifest = trained.config.model, trained.manifest
+    counts = count_params_from_config(c, trained.spec)
+    return {
+        "path": str(path),
+        "step": manifest["step"],
+        "tokens_trained": manifest.get("tokens_seen"),
+        "n_layers": c.n_layers,
+        "d_model": c.d_model,
+        "hc_branches": c.hc_branches,
+        "engram_layers": list(trained.spec.layer_ids) if trained.spec else [],
+        "routed_experts": c.moe.num_routed if c.moe else 0,
+        "p_tot": counts.p_tot,
+        "p_act": counts.p_act,
+        "table_params": counts.engram_tables,
+    }
 
 
 @dataclass(frozen=True)
@@ -78,38 +70,40 @@ class Pair:
     data: str
     seq_len: int
     batch_size: int
+    paths: tuple[str, str] = ("", "")  # (engram, baseline) as the user named them
 
     def val_tokens(self) -> np.ndarray:
-        return build_shard(self.data, "val", self.engram.tok).tokens
+        return build_shard(self.data, "val", self.engram.tokenizer).tokens
+
+    def describe(self, arm: str) -> dict[str, Any]:
+        """The report's entry for `arm` ("engram" or "baseline")."""
+        return describe(getattr(self, arm), self.paths[arm == "baseline"])
 
 
 def load_pair(
     ckpt: str | Path, baseline: str | Path, data: str | None = None, device: str = "auto"
 ) -> Pair:
     """Both checkpoints; ValueError unless they share a tokenizer (the same tokens feed both)."""
-    trained = []
-    for path in (ckpt, baseline):
-        model, tok, config, manifest = load_trained(path, device=device)
-        trained.append(Trained(str(path), model, tok, config, manifest))
-    a, b = trained
-    if a.tok.fingerprint != b.tok.fingerprint:
+    a, b = (load_trained(path, device=device) for path in (ckpt, baseline))
+    if a.tokenizer.fingerprint != b.tokenizer.fingerprint:
         raise ValueError(
             f"--ckpt {ckpt} and --baseline {baseline} were trained with different tokenizers: "
             "a layer-by-layer comparison needs the same tokens in both models"
         )
     # Windows no longer than either model's context; A's batch shape, as A was evaluated.
     seq_len = min(a.config.seq_len, a.config.model.max_seq_len, b.config.model.max_seq_len)
-    return Pair(a, b, data or a.config.data, seq_len, a.config.batch_size)
+    paths = (str(ckpt), str(baseline))
+    return Pair(a, b, data or a.config.data, seq_len, a.config.batch_size, paths)
 
 
 def train_quick_pair(out: Path, data: str) -> tuple[Path, Path]:
     """Train (or reuse, if finished with the same config) the tiny pair under `out`/models."""
-    get_tokenizer(QUICK_SETTINGS.tokenizer, data)
+    get_tokenizer(QUICK_TRAIN.tokenizer, data)
     base = model_preset("tiny")
     paths = (out / "models" / "engram", out / "models" / "baseline")
-    settings = replace(QUICK_SETTINGS, data=data)
-    for path, config in zip(paths, (base, base.with_(engram=None)), strict=True):
-        train_arm(settings, config, seed=0, out=path)
+    template = replace(QUICK_TRAIN, data=data)
+    for path, model in zip(paths, (base, base.with_(engram=None)), strict=True):
+        train_arm(arm_config(template, model, seed=0, out=path))
     return paths
 
 
@@ -229,13 +223,13 @@ def readout(model: EngramLM, stream: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FULL_RUN",
-    "QUICK_SETTINGS",
     "QUICK_TOKENS",
+    "QUICK_TRAIN",
     "Pair",
-    "Trained",
     "add_pair_arguments",
     "batches",
     "combined",
+    "describe",
     "forward_with_streams",
     "load_pair",
     "max_tokens_from_args",

@@ -139,7 +139,7 @@ def run_logit_lens(pair: Pair, max_tokens: int, out_dir: str | Path) -> dict[str
             "seq_len": pair.seq_len,
             "batch_size": pair.batch_size,
         },
-        "models": {arm: getattr(pair, arm).describe() for arm in ARMS},
+        "models": {arm: pair.describe(arm) for arm in ARMS},
         **result,
         "comparison": compare(result),
         "paper_claim": PAPER_CLAIM,

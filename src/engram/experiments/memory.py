@@ -17,7 +17,7 @@ Arms, every one on the same tokens, schedule and seeds:
 - `engram-S`: the same backbone plus Engram with S slots at the preset's layers. Memory is
   added on top, so P_tot grows with S: this is a scaling study, not an iso-parameter one;
 - `overencoding-S`: the same tables and addresses (same spec), projected and added to the input
-  embedding instead (`EngramOptions.placement = "input"`), for a subset of the sizes.
+  embedding instead (`EngramOptions.site = "input"`), for a subset of the sizes.
 For each family, a least-squares fit of loss = a + b log2(slots) gives the slope b (loss per
 doubling of memory) and R^2.
 """
@@ -32,27 +32,37 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engram.experiments.arms import ArmSettings, StudyTraining, train_arms
+from engram.assembly import get_tokenizer
+from engram.config import TrainConfig
+from engram.experiments.arms import (
+    STUDY_TRAIN,
+    Study,
+    add_set_argument,
+    study_from_args,
+    tokens_per_arm,
+    train_arms,
+)
 from engram.experiments.report import (
     machine_info,
     markdown_table,
-    parse_list,
     pyplot,
     write_json,
 )
 from engram.model import ModelConfig, model_preset
 from engram.spec import derive_primes
-from engram.train import get_tokenizer
 
 FAMILIES = ("engram", "overencoding")
-_PLACEMENT = {"engram": "block", "overencoding": "input"}
+_SITE = {"engram": "block", "overencoding": "input"}
+
+
+MEMORY_TRAIN = replace(STUDY_TRAIN, steps=150)  # 614k tokens, ~2.5 minutes per arm on 2 cores
 
 
 @dataclass(frozen=True)
-class MemoryConfig(StudyTraining):
+class MemoryConfig(Study):
+    train: TrainConfig = MEMORY_TRAIN
     slots: tuple[int, ...] = (2**11, 2**12, 2**13, 2**14, 2**15, 2**16)  # requested, per family
     overencoding_slots: tuple[int, ...] = (2**12, 2**14, 2**16)  # a subset of `slots`
-    steps: int = 150  # 150 x 16 x 256 = 614k tokens, ~2.5 minutes per arm on 2 cores
     out_dir: str = "runs/memory"
 
     def validate(self) -> None:
@@ -73,13 +83,7 @@ class MemoryConfig(StudyTraining):
                 f"overencoding_slots {extra} are not among slots={list(self.slots)}: the "
                 "baseline is compared at the same memory"
             )
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
         self.validate_training()
-
-    @property
-    def settings(self) -> ArmSettings:
-        return ArmSettings.of(self)
 
 
 # A smoke test of the whole pipeline: the `tiny` model (the demo's 64 experts per layer cost a
@@ -87,10 +91,7 @@ class MemoryConfig(StudyTraining):
 QUICK = MemoryConfig(
     slots=(256, 1024),
     overencoding_slots=(256, 1024),
-    steps=12,
-    seq_len=64,
-    batch_size=8,
-    eval_tokens=8192,
+    train=replace(STUDY_TRAIN, steps=12, seq_len=64, batch_size=8, eval_tokens=8192),
     preset="tiny",
     out_dir="runs/memory-quick",
 )
@@ -109,35 +110,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/memory[-quick])")
+    add_set_argument(p)
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    cfg = QUICK if args.quick else MemoryConfig()
-    changes: dict = {}
-    if args.slots:
-        changes["slots"] = parse_list(args.slots, int, "slots")
-    if args.overencoding_slots:
-        changes["overencoding_slots"] = parse_list(
-            args.overencoding_slots, int, "overencoding-slots"
-        )
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.seeds:
-        changes["seeds"] = parse_list(args.seeds, int, "seeds")
-    if args.data:
-        changes["data"] = args.data
-    if args.out:
-        changes["out_dir"] = args.out
-    run_memory(replace(cfg, **changes))
+    lists = {"slots": int, "overencoding_slots": int}
+    run_memory(study_from_args(args, MemoryConfig(), QUICK, lists))
 
 
 # ---- arms ----------------------------------------------------------------------------------------
-def with_slots(base: ModelConfig, slots: int, placement: str = "block") -> ModelConfig:
+def with_slots(base: ModelConfig, slots: int, site: str = "block") -> ModelConfig:
     """`base` with its Engram layout resized to about `slots` slots (see the module docstring)."""
     engram = base.engram
     per_layer = max(2, round(slots / len(engram.spec.layer_ids)))
     spec = replace(engram.spec, base_sizes=(per_layer,) * len(engram.spec.orders))
-    return base.with_(engram=replace(engram, spec=spec, placement=placement))
+    return base.with_(engram=replace(engram, spec=spec, site=site))
 
 
 def slots_of(config: ModelConfig) -> tuple[float, int]:
@@ -154,7 +141,7 @@ def memory_arms(cfg: MemoryConfig) -> dict[str, ModelConfig]:
     arms = {"backbone": base.with_(engram=None)}
     for family, sizes in (("engram", cfg.slots), ("overencoding", cfg.overencoding_slots)):
         for s in sorted(sizes):
-            arms[f"{family}-{s}"] = with_slots(base, s, _PLACEMENT[family])
+            arms[f"{family}-{s}"] = with_slots(base, s, _SITE[family])
     return arms
 
 
@@ -204,9 +191,10 @@ def run_memory(cfg: MemoryConfig = MemoryConfig()) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    get_tokenizer(cfg.tokenizer, cfg.data)  # once, before the arms (cached by data fingerprint)
+    # Once, before the arms (cached by data fingerprint).
+    get_tokenizer(cfg.train.tokenizer, cfg.train.data)
     arms = memory_arms(cfg)
-    results = train_arms(cfg.settings, arms, cfg.seeds, out / f"steps-{cfg.steps}", cfg.reuse)
+    results = train_arms(cfg, arms, out / f"steps-{cfg.train.steps}")
     families = {family: _points(family, arms, results) for family in FAMILIES}
     backbone = {k: v for k, v in results["backbone"].items() if k not in ("curve", "band")}
     report = {
@@ -218,13 +206,8 @@ def run_memory(cfg: MemoryConfig = MemoryConfig()) -> dict[str, Any]:
             for family, pts in families.items()
         },
         "backbone": backbone,
-        "tokens": cfg.settings.tokens,
-        "config": {
-            **cfg.__dict__,
-            "slots": list(cfg.slots),
-            "overencoding_slots": list(cfg.overencoding_slots),
-            "seeds": list(cfg.seeds),
-        },
+        "tokens": tokens_per_arm(cfg.train),
+        "config": cfg.report_config("steps"),
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }

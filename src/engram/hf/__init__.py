@@ -1,6 +1,6 @@
 """Hugging Face transformers integration (the `hf` extra: pip install engram-lm[hf]).
 
-- `EngramForCausalLM` / `EngramConfig` (alias `EngramHFConfig`): our LM as a `PreTrainedModel`,
+- `EngramForCausalLM` / `EngramHFConfig`: our LM as a `PreTrainedModel`,
   with `save_pretrained` / `from_pretrained` and exact cached `generate()`.
 - `add_engram(model, spec, tokenizer, layers=...)`: Engram memory attached to an existing Llama,
   Qwen2, Qwen3 or Mistral model, with its N-gram history and conv windows in the model's cache;
@@ -19,15 +19,12 @@ from engram.hf.attach import (
     load_engram,
     save_engram,
 )
-from engram.hf.causal_lm import EngramCache, EngramConfig, EngramForCausalLM
-
-EngramHFConfig = EngramConfig  # unambiguous beside engram.module.EngramConfig (the module's)
+from engram.hf.causal_lm import EngramCache, EngramForCausalLM, EngramHFConfig
 
 __all__ = [
     "SUPPORTED",
     "EngramAttachment",
     "EngramCache",
-    "EngramConfig",
     "EngramForCausalLM",
     "EngramHFConfig",
     "add_engram",

@@ -16,10 +16,10 @@ object that carries the K/V (`cache.engram_state`, see `engram.hf.decoding`), so
 from one `generate()` step to the next and follows the K/V through beam search reordering.
 
 Padding. Within a chunk each row is reordered stably so that its pads (attention_mask 0) come
-first (as `engram.model.cache` does): the row's real tokens then directly follow its cached state,
-so no N-gram and no conv window ever contains a pad. Only the Engram computation is reordered;
-its output is put back in the caller's order and is zero at pads. Left-padded `generate()`
-batches therefore give each row what it gives alone.
+first (as `engram.model.decode_cache` does): the row's real tokens then directly follow its
+cached state, so no N-gram and no conv window ever contains a pad. Only the Engram computation
+is reordered; its output is put back in the caller's order and is zero at pads. Left-padded
+`generate()` batches therefore give each row what it gives alone.
 
 Saving. `save_engram` writes the Engram parameters alone (safetensors) with a JSON of the spec,
 the layers and the tokenizer fingerprint; `load_engram` attaches and loads, refusing mismatches.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +41,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from torch import nn
 
 from engram.hashing import NgramHasher
-from engram.hf.decoding import Chunk, engram_output, prepare_chunk, state_for
+from engram.hf.decoding import PreparedChunk, engram_output, prepare_chunk, state_for
 from engram.module import Engram, EngramConfig
 from engram.spec import HashSpec
 from engram.tokenizer import Tokenizer, load_tokenizer
@@ -62,6 +63,9 @@ except ImportError as e:  # pragma: no cover - the `hf` extra is missing
 SUPPORTED = (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "engram.safetensors", "engram.json"
+# Each model's attachment, kept beside the model rather than set on it (the attachment holds
+# its base submodule, never the model, so the model stays collectable).
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, EngramAttachment] = weakref.WeakKeyDictionary()
 
 
 # ---- the attachment ------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class EngramAttachment:
         self.hasher = NgramHasher(spec, compress(tokenizer, enabled=spec.config.compress))
         self.base = model.model
         self.modules: dict[int, Engram] = {}
-        self._chunk: Chunk | None = None
+        self._chunk: PreparedChunk | None = None
         self._signature = inspect.signature(self.base.forward)
         self._handles = [
             self.base.register_forward_pre_hook(self._before_model, with_kwargs=True),
@@ -103,7 +107,7 @@ class EngramAttachment:
             handle.remove()
         for layer in self.layers:
             del self.base.layers[layer].engram
-        del model.engram_attachment
+        del _ATTACHED[model]
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -191,7 +195,7 @@ def _check_target(model: PreTrainedModel, spec: HashSpec, layers: tuple[int, ...
     if not isinstance(model, SUPPORTED):
         names = ", ".join(c.__name__ for c in SUPPORTED)
         raise ValueError(f"add_engram supports {names}; got {type(model).__name__}")
-    if getattr(model, "engram_attachment", None) is not None:
+    if model in _ATTACHED:
         raise ValueError("this model already has Engram attached")
     n = len(model.model.layers)
     if (
@@ -225,8 +229,8 @@ def add_engram(
     the spec's. `config` sets the module's switches (hidden size: the model's, one branch).
     `identity_init` zeroes the value projection, so the attached model computes exactly what
     the base model did until it is trained (the paper trains from scratch and is silent on
-    this); False keeps the demo's initialisation. Returns the attachment, also kept as
-    `model.engram_attachment`.
+    this); False keeps the demo's initialisation. Returns the attachment, also what
+    `get_attachment(model)` returns.
     """
     layers = tuple(spec.layer_ids if layers is None else layers)
     _check_target(model, spec, layers)
@@ -249,12 +253,12 @@ def add_engram(
             for engram in attachment.modules.values():
                 engram.value_proj.weight.zero_()
                 engram.value_proj.bias.zero_()
-    model.engram_attachment = attachment
+    _ATTACHED[model] = attachment
     return attachment
 
 
 def get_attachment(model: PreTrainedModel) -> EngramAttachment:
-    attachment = getattr(model, "engram_attachment", None)
+    attachment = _ATTACHED.get(model)
     if attachment is None:
         raise ValueError("this model has no Engram: call add_engram or load_engram first")
     return attachment
@@ -344,7 +348,7 @@ def load_engram(
             f"{meta['tokenizer_fingerprint'][:12]}, not this one ({tok.fingerprint[:12]})"
         )
     layers = tuple(meta["layers"])
-    attachment = getattr(model, "engram_attachment", None)
+    attachment = _ATTACHED.get(model)
     if attachment is None:
         attachment = add_engram(model, spec, tok, layers, config)
     elif attachment.spec != spec:

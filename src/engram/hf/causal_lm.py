@@ -1,4 +1,4 @@
-"""Our Engram LM as a Hugging Face transformers model: `EngramConfig` and `EngramForCausalLM`.
+"""Our Engram LM as a Hugging Face transformers model: `EngramHFConfig` and `EngramForCausalLM`.
 
 DeepSeek's Engram (conditional memory via scalable N-gram lookup, arXiv 2601.07372) needs more
 than a weight file to run: the hasher must address the tables exactly as in training. So the
@@ -54,10 +54,10 @@ except ImportError as e:  # pragma: no cover - exercised with transformers hidde
         "engram.hf needs Hugging Face transformers: pip install 'engram-lm[hf]'"
     ) from e
 
-from engram.config_io import from_dict, to_dict
+from engram.config import from_dict, to_dict
 from engram.hashing import HashState, NgramHasher
 from engram.model import EngramLM, ModelConfig
-from engram.model.cache import DecodeCache
+from engram.model.decode_cache import DecodeCache
 from engram.model.layers import Rotary
 from engram.model.moe import MoE
 from engram.module import HashedMemory
@@ -91,10 +91,10 @@ def unpack_vocab_map(packed: dict[str, Any]) -> np.ndarray:
 
 
 # ---- the config ----------------------------------------------------------------------------------
-class EngramConfig(PretrainedConfig):
+class EngramHFConfig(PretrainedConfig):
     """Everything needed to rebuild an `EngramLM` and its hasher, as plain JSON data.
 
-    `model_config` is `config_io.to_dict(ModelConfig)`, `hash_spec` is `HashSpec.to_dict()`
+    `model_config` is `engram.config.to_dict(ModelConfig)`, `hash_spec` is `HashSpec.to_dict()`
     (None for a model without Engram), `vocab_map` is `pack_vocab_map(lookup)`.
     """
 
@@ -111,7 +111,7 @@ class EngramConfig(PretrainedConfig):
     pad_token_id: int | None = None
 
     @classmethod
-    def from_engram(cls, model: EngramLM, tokenizer: Tokenizer, **kwargs: Any) -> EngramConfig:
+    def from_engram(cls, model: EngramLM, tokenizer: Tokenizer, **kwargs: Any) -> EngramHFConfig:
         """The config of `model`, whose spec must belong to `tokenizer`."""
         spec, lookup = model.spec, None
         if spec is not None:
@@ -139,7 +139,7 @@ class EngramConfig(PretrainedConfig):
     def engram_parts(self) -> tuple[ModelConfig, HashSpec | None, NgramHasher | None]:
         """Rebuild (and check) the model config, the spec and the hasher."""
         if self.model_config is None:
-            raise ValueError("this EngramConfig has no model_config; build it with from_engram")
+            raise ValueError("this EngramHFConfig has no model_config; build it with from_engram")
         config = from_dict(ModelConfig, self.model_config)
         if (config.engram is None) != (self.hash_spec is None):
             raise ValueError("hash_spec must be given exactly when the model has Engram memory")
@@ -316,14 +316,14 @@ _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     """An `EngramLM` behind the transformers API: `forward`, `generate`, `save_pretrained`."""
 
-    config_class = EngramConfig
+    config_class = EngramHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules: ClassVar[list[str]] = ["Block"]
     # Tied only when the config says so (tie_word_embeddings = ModelConfig.tie_embeddings).
     _tied_weights_keys: ClassVar[dict[str, str]] = {"model.head.weight": "model.embed.weight"}
 
-    def __init__(self, config: EngramConfig, lm: EngramLM | None = None) -> None:
+    def __init__(self, config: EngramHFConfig, lm: EngramLM | None = None) -> None:
         super().__init__(config)
         model_config, spec, hasher = config.engram_parts()
         if lm is None:
@@ -337,20 +337,18 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_engram(cls, model: EngramLM, tokenizer: Tokenizer) -> EngramForCausalLM:
         """Wrap `model` (weights shared, not copied); `tokenizer` is the one it was built for."""
-        return cls(EngramConfig.from_engram(model, tokenizer), lm=model)
+        return cls(EngramHFConfig.from_engram(model, tokenizer), lm=model)
 
     @classmethod
     def from_run(cls, path: str | Path, device: str = "cpu") -> EngramForCausalLM:
-        """A trained run folder or checkpoint (see `engram.train.load_trained`). Tables the run
-        placed in host memory or on disk become embeddings again, so that `save_pretrained`
+        """A trained run folder or checkpoint (see `engram.inference.load_trained`). Tables the
+        run placed in host memory or on disk become embeddings again, so that `save_pretrained`
         writes them with the other weights (ValueError if they do not fit in RAM)."""
-        from engram.train import load_trained
+        from engram.inference.load import load_trained
 
-        model, tokenizer, _, _ = load_trained(path, device=device)
-        placed = getattr(model, "placed_tables", None)
-        if placed:
-            placed.embed(model)
-        return cls.from_engram(model, tokenizer)
+        trained = load_trained(path, device=device)
+        trained.tables.embed()
+        return cls.from_engram(trained.model, trained.tokenizer)
 
     def to_engram(self) -> EngramLM:
         """The wrapped `EngramLM` (the same object: weights are shared)."""
@@ -507,13 +505,13 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
 
-AutoConfig.register(EngramConfig.model_type, EngramConfig, exist_ok=True)
-AutoModelForCausalLM.register(EngramConfig, EngramForCausalLM, exist_ok=True)
+AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(EngramHFConfig, EngramForCausalLM, exist_ok=True)
 
 __all__ = [
     "EngramCache",
-    "EngramConfig",
     "EngramForCausalLM",
+    "EngramHFConfig",
     "pack_vocab_map",
     "unpack_vocab_map",
 ]

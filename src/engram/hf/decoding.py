@@ -7,11 +7,11 @@ cache to a subclass of its own class that also reorders, selects, repeats, reset
 that state whenever `generate()` does so to the K/V (beam search, contrastive search, a deferred
 stop check).
 
-Chunk. `prepare_chunk` reorders each row of a forward's ids stably so that its pads
-(attention_mask 0) come first, as `engram.model.cache` does: the row's real tokens then directly
-follow its cached state, so no N-gram and no conv window ever contains a pad. It hashes the chunk
-once for every Engram layer and advances the state. `engram_output` runs one layer's Engram in
-that order and puts its output back in the caller's order, zero at pads.
+PreparedChunk. `prepare_chunk` reorders each row of a forward's ids stably so that its pads
+(attention_mask 0) come first, as `engram.model.decode_cache` does: the row's real tokens then
+directly follow its cached state, so no N-gram and no conv window ever contains a pad. It hashes
+the chunk once for every Engram layer and advances the state. `engram_output` runs one layer's
+Engram in that order and puts its output back in the caller's order, zero at pads.
 
 Legend: B batch, T chunk length, d hidden size, H heads (all orders), R conv window.
 """
@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from engram.hashing import HashState, NgramHasher
-from engram.model.cache import document_starts, pads_first
+from engram.model.decode_cache import document_starts, pads_first
 from engram.module import Engram
 
 SNAPSHOTS = 4  # whole forwards that `cache.crop` can undo (generate undoes at most one)
@@ -146,7 +146,7 @@ def state_for(
 
 
 @dataclass
-class Chunk:
+class PreparedChunk:
     """Facts about one forward's tokens that every Engram layer shares (pads-first layout)."""
 
     rows: dict[int, torch.Tensor]  # layer -> [B, T, H]
@@ -163,7 +163,7 @@ def prepare_chunk(
     mask: torch.Tensor | None,
     state: EngramState | None,
     layers: tuple[int, ...],
-) -> Chunk:
+) -> PreparedChunk:
     """Reorder pads first, hash `ids` [B, T] after `state` and advance `state` past them.
 
     `mask` is the model's 2D attention_mask over past and chunk ([B, past + T]); `layers` are
@@ -187,10 +187,10 @@ def prepare_chunk(
         if eos is not None:  # after the reorder a row's last real token is its last column
             state.last_eos = torch.where(real.any(dim=1), ids[:, -1] == eos, state.last_eos)
         state.hash_state, state.length = new_history, state.length + T
-    return Chunk(rows, real, order, pads, starts, state)
+    return PreparedChunk(rows, real, order, pads, starts, state)
 
 
-def engram_output(engram: Engram, hidden: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+def engram_output(engram: Engram, hidden: torch.Tensor, chunk: PreparedChunk) -> torch.Tensor:
     """Engram's output for hidden [B, T, d] in the caller's order, zero at pads."""
     device = hidden.device
     order = chunk.order.to(device) if chunk.order is not None else None
@@ -225,9 +225,9 @@ def _window(engram: Engram, hidden: torch.Tensor, state: EngramState | None) -> 
 
 __all__ = [
     "SNAPSHOTS",
-    "Chunk",
     "EngramCacheMixin",
     "EngramState",
+    "PreparedChunk",
     "adopt",
     "engram_output",
     "prepare_chunk",

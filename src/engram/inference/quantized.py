@@ -1,6 +1,6 @@
 """Quantised Engram tables for inference: convert a trained model's tables, save, load, install.
 
-Issue 6 ("Memory beyond RAM"): a served table costs the bytes fetched per row, so storing rows
+A served table costs the bytes fetched per row, so storing rows
 as int8 or fp8 (e4m3) with float32 scales (`engram.tables.quant.QuantizedStore`) fits ~4x the
 rows in the same host RAM, disk or link. This module applies that to a whole model:
 
@@ -10,11 +10,12 @@ rows in the same host RAM, disk or link. This module applies that to a whole mod
     stores, meta = load_quantized(folder, model)          # checked against the model
     install_quantized(model, stores)                      # the model now reads the int8 rows
 
-The source of a table is the model's `nn.Embedding` when it has one, else the store that
-`load_trained` placed it in (`model.placed_tables`). Installing replaces every table by a row
-source that dequantises the batch's unique rows (`engram.tables.lookup`): the model's code is
-unchanged. The rows are constants: no gradient reaches them (a quantised table is read-only), so
-training the model afterwards would only move its dense weights.
+The source of a table is the model's `nn.Embedding` when it has one, else the store of the row
+source that `load_trained` placed it behind (`HashedMemory.row_source.store`). Installing
+replaces every table by a row source that dequantises the batch's unique rows
+(`engram.tables.lookup`): the model's code is unchanged. The rows are constants: no gradient
+reaches them (a quantised table is read-only), so training the model afterwards would only move
+its dense weights.
 
 A folder is tied to one model: loading checks the table names, their layout (rows, row dim),
 each table's init identity (seed and layer, which differ between runs) and the hash spec digest.
@@ -32,21 +33,17 @@ from typing import Any
 
 import torch
 
-from engram.module import HashedMemory
+from engram.files import fsync_dir, fsync_file
+from engram.module import HashedMemory, RowSource
 from engram.rowinit import RowInit
 from engram.tables.base import RowStore, TableLayout
 from engram.tables.lookup import lookup
+from engram.tables.placed import PlacedTable, table_name
 from engram.tables.quant import QuantizedStore, payload_dtype, quantization_error
-from engram.tables.stores import fsync_dir, fsync_file
 
 FORMAT = "engram-quantized-tables"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def table_name(layer: int) -> str:
-    """The name of layer `layer`'s table in folders and reports (as `engram.tables.placed`)."""
-    return f"layer{layer}"
 
 
 class QuantizedSource:
@@ -55,7 +52,7 @@ class QuantizedSource:
     def __init__(self, store: QuantizedStore) -> None:
         self.store = store
 
-    def __call__(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         # requires_grad=False: the looked-up rows are plain tensors, never leaves, so even with
         # gradients enabled nothing can accumulate for (or try to write) the read-only store.
         return lookup(self.store, rows, offsets, device=rows.device, requires_grad=False).out
@@ -74,36 +71,33 @@ class _TensorRows(RowStore):
         return self.weight.index_select(0, rows.to(self.device)).float()
 
     def _scatter(self, rows: torch.Tensor, slot: str, values: torch.Tensor) -> None:
-        raise ValueError("a tensor view is read-only")
+        raise RuntimeError("a tensor view is read-only")  # only our conversion reads it
 
     def save(self, path: Path) -> None:
-        raise ValueError("a tensor view is not saved")
+        raise RuntimeError("a tensor view is not saved")
 
     def load(self, path: Path) -> None:
-        raise ValueError("a tensor view is not loaded")
+        raise RuntimeError("a tensor view is not loaded")
 
 
 # ---- conversion ------------------------------------------------------------------------------
 def _memories(model: torch.nn.Module) -> dict[str, HashedMemory]:
-    memories = {table_name(m.layer_id): m for m in getattr(model, "engram_layers", [])}
+    memories = {table_name(m.layer_id): m for m in model.engram_layers}
     if not memories:
         raise ValueError("this model has no Engram tables to quantise")
     return memories
 
 
-def float_source(model: torch.nn.Module, memory: HashedMemory) -> RowStore:
+def float_source(memory: HashedMemory) -> RowStore:
     """The float rows of `memory`'s table as a RowStore: its embedding, or its placed store."""
     name = table_name(memory.layer_id)
     if isinstance(memory.row_source, QuantizedSource):
         raise ValueError(f"{name} is already quantised: load the float model again to convert it")
-    if memory.table is not None:
-        if memory.table.weight.is_meta:
-            raise ValueError(f"{name} has no storage (built under lazy_tables())")
-        return _TensorRows(memory.table.weight, memory.init)
-    placed = getattr(model, "placed_tables", None)
-    if placed is not None and name in placed.tables:
-        return placed.tables[name].store
-    raise ValueError(f"{name} reads an unknown row source: no float table to quantise")
+    if memory.row_source is not None:
+        return memory.row_source.store
+    if memory.table is None or memory.table.weight.is_meta:
+        raise ValueError(f"{name} has no storage (built under lazy_tables())")
+    return _TensorRows(memory.table.weight, memory.init)
 
 
 def quantize_tables(model: torch.nn.Module, kind: str, block: int = 0) -> dict[str, QuantizedStore]:
@@ -117,7 +111,7 @@ def quantize_tables(model: torch.nn.Module, kind: str, block: int = 0) -> dict[s
     for name, memory in _memories(model).items():
         # Streams the source chunk by chunk (16 MiB of float32), so a disk table is never read
         # whole; the source's init travels with the rows and identifies the model at install.
-        stores[name] = QuantizedStore.from_store(float_source(model, memory), kind, block)
+        stores[name] = QuantizedStore.from_store(float_source(memory), kind, block)
     return stores
 
 
@@ -135,7 +129,7 @@ def quantization_report(
         tables[name] = {
             "heads": heads,
             "bytes_per_row": store.bytes_per_row,
-            "error": quantization_error(float_source(model, memory), store),
+            "error": quantization_error(float_source(memory), store),
         }
         per_token += heads * store.bytes_per_row
         per_token_fp32 += heads * store.dim * 4
@@ -185,28 +179,23 @@ def install_quantized(
 
     The embedding is dropped (`use_row_source`); with `release`, a placed float store (from
     `load_trained`) is closed too, so its RAM or mapping is freed: the model is then inference
-    only, and converting it again needs the float model reloaded.
+    only, and converting it again needs the float model reloaded. A placement's fetch ahead
+    stops fetching for a table once it reads another source.
     """
     check_fit(model, stores)
-    if getattr(model, "row_prefetch", None) is not None:
-        # The placement's fetch ahead reads the float stores for lookups that will not come;
-        # every table is replaced (check_fit), so nothing is left for it to fetch.
-        model.row_prefetch = None
-    placed = getattr(model, "placed_tables", None)
     for name, memory in _memories(model).items():
+        placed = memory.row_source
         memory.use_row_source(QuantizedSource(stores[name]))
-        if placed is not None and name in placed.tables:
-            _retire(placed.tables[name], release)
-    model.quantized_tables = stores  # keeps the stores reachable (stats, describe)
+        if placed is not None:
+            _retire(placed, release)
 
 
-def _retire(table: Any, release: bool) -> None:
+def _retire(placed: RowSource, release: bool) -> None:
     """Wait for a placed table's fetch in flight, then close its store if asked."""
-    settle = getattr(table, "settle", None)
-    if settle is not None:
-        settle()
+    if isinstance(placed, PlacedTable):
+        placed.settle()
     if release:
-        table.store.close()
+        placed.store.close()
 
 
 # ---- folders -----------------------------------------------------------------------------------
@@ -321,12 +310,8 @@ def _device_of(model: torch.nn.Module | None, memory: HashedMemory | None) -> to
         return torch.device("cpu")
     if memory.table is not None and not memory.table.weight.is_meta:
         return memory.table.weight.device
-    if isinstance(memory.row_source, QuantizedSource):
+    if memory.row_source is not None:
         return memory.row_source.store.device
-    placed = getattr(model, "placed_tables", None)
-    name = table_name(memory.layer_id)
-    if placed is not None and name in placed.tables:
-        return placed.tables[name].store.device
     return torch.device("cpu")
 
 

@@ -9,8 +9,10 @@ manifold-constrained hyper-connections with M residual branches, and Engram memo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from engram.spec import SpecConfig
+from engram.spec import preset as spec_preset
 
 
 @dataclass(frozen=True)
@@ -35,19 +37,19 @@ class MoEConfig:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0")
 
 
-PLACEMENTS = ("block", "input")
+SITES = ("block", "input")
 
 
 @dataclass(frozen=True)
 class EngramOptions:
     """The Engram memory of a model: its addressing (`spec`) and the module's switches.
 
-    `placement` says where the hashed N-gram memory enters the model:
+    `site` says where the hashed N-gram memory enters the model:
     - "block": Engram, gated and convolved, before attention at the spec's layer_ids (the paper);
     - "input": the OverEncoding baseline of the paper's memory-scaling study: the same tables and
       addresses (one table per spec layer id), projected and added to the input token embedding.
       The layer ids then only name the tables (their hash seeds and primes), and must still lie
-      inside n_layers so that one spec serves both placements; gate, conv and branch_keys do
+      inside n_layers so that one spec serves both sites; gate, conv and branch_keys do
       not apply.
     """
 
@@ -57,14 +59,14 @@ class EngramOptions:
     branch_keys: bool = True
     table_init_std: float = 0.02  # rows start small like the token embeddings (paper: silent)
     table_lr_multiplier: float = 5.0  # the paper: tables train with Adam at 5x the base lr
-    placement: str = "block"  # "block" (Engram) or "input" (OverEncoding); see above
+    site: str = "block"  # "block" (Engram) or "input" (OverEncoding); see above
+    # Read from configs written before the rename (`placement` now names a table's tier).
+    RENAMED: ClassVar[dict[str, str]] = {"placement": "site"}
 
     def validate(self) -> None:
         self.spec.validate()
-        if self.placement not in PLACEMENTS:
-            raise ValueError(
-                f"engram placement={self.placement!r} must be one of {list(PLACEMENTS)}"
-            )
+        if self.site not in SITES:
+            raise ValueError(f"engram site={self.site!r} must be one of {list(SITES)}")
         if self.table_init_std < 0 or self.table_lr_multiplier <= 0:
             raise ValueError(
                 f"table_init_std={self.table_init_std} must be >= 0 and "
@@ -133,15 +135,10 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-def _tiny_spec(tokenizer: str = "deepseek") -> SpecConfig:
-    return SpecConfig(
-        tokenizer=tokenizer,
-        layer_ids=(1,),
-        orders=(2, 3),
-        heads_per_order=2,
-        base_sizes=(1009, 1013),
-        row_dim=8,
-    )
+def _tiny_spec() -> SpecConfig:
+    """The `tiny` spec preset's tables, at block 1 of the `tiny` model (its 3 blocks hold one
+    Engram), with the pad id of whichever tokenizer the run uses (resolved at assembly)."""
+    return replace(spec_preset("tiny"), layer_ids=(1,), pad_id=None)
 
 
 # Presets are data; each comment says where its numbers come from.

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.model.cache import Chunk, DecodeCache
 from engram.model.config import ModelConfig
+from engram.model.decode_cache import Chunk, DecodeCache
 
 
 class Rotary(nn.Module):

@@ -7,7 +7,7 @@ Each block (paper section 2.4: Engram sits before attention):
     x = R_ffn(x, h -> FFN(RMSNorm(h)))       SwiGLU, or DeepSeekMoE after the first dense blocks
 
 R is the plain residual for M = 1 and an mHC hyper-connection for M > 1. With the memory's
-placement "input" (the OverEncoding baseline of the paper's memory-scaling study) no
+site "input" (the OverEncoding baseline of the paper's memory-scaling study) no
 block holds an Engram; the same tables' lookups are projected and added to the token embedding.
 The model is single-device code: it never names a device and knows nothing of training or storage.
 
@@ -16,15 +16,17 @@ Legend: B batch, T time, M residual branches, d width, V vocabulary, H Engram he
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from engram.hashing import NgramHasher
-from engram.model.cache import Chunk, DecodeCache, cached_chunk, plain_chunk
 from engram.model.config import ModelConfig
+from engram.model.decode_cache import Chunk, DecodeCache, cached_chunk, plain_chunk
 from engram.model.hyper import residual_for
 from engram.model.layers import Attention, Rotary, SwiGLU
 from engram.model.moe import MoE
@@ -43,7 +45,7 @@ class Block(nn.Module):
         self.layer = layer
         self.engram = None
         opts = config.engram
-        if spec is not None and layer in spec.layer_ids and opts.placement == "block":
+        if spec is not None and layer in spec.layer_ids and opts.site == "block":
             self.engram = Engram(
                 spec,
                 layer,
@@ -112,8 +114,8 @@ class EngramLM(nn.Module):
             )
         self.config, self.spec, self.hasher = config, spec, hasher
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        # OverEncoding tables (placement "input"); empty for Engram and for no memory.
-        inputs = spec.layer_ids if spec is not None and config.engram.placement == "input" else ()
+        # OverEncoding tables (site "input"); empty for Engram and for no memory.
+        inputs = spec.layer_ids if spec is not None and config.engram.site == "input" else ()
         self.input_memory = nn.ModuleList(
             OverEncoding(spec, layer, config.d_model, config.engram.table_init_std)
             for layer in inputs
@@ -123,9 +125,8 @@ class EngramLM(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()
-        # Set by a table placement (engram.tables) to see each forward's rows before any layer
-        # runs, so that rows of later layers are fetched while earlier layers compute.
-        self.row_prefetch: Callable[[Rows], None] | None = None
+        # OrderedDict: torch's RemovableHandle holds its hooks by weak reference.
+        self._rows_hooks: OrderedDict[int, Callable[[Rows], None]] = OrderedDict()
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -150,6 +151,16 @@ class EngramLM(nn.Module):
         The optimiser's table group and the accounting of rows read both start here.
         """
         return [b.engram for b in self.blocks if b.engram is not None] + list(self.input_memory)
+
+    def register_rows_hook(self, hook: Callable[[Rows], None]) -> RemovableHandle:
+        """Call `hook(rows)` with each forward's rows of every Engram layer, before any layer runs.
+
+        How a table placement (`engram.tables`) starts reading the rows of later layers while
+        earlier layers compute. `handle.remove()` detaches it, as for torch's module hooks.
+        """
+        handle = RemovableHandle(self._rows_hooks)
+        self._rows_hooks[handle.id] = hook
+        return handle
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -178,7 +189,7 @@ class EngramLM(nn.Module):
         """Logits [B, T, V]; with `targets` [B, T] also the mean cross-entropy (-100 ignored).
 
         `engram_off=True` skips every Engram layer (the paper's switch-off test), and the
-        OverEncoding tables of placement "input" alike. With a `cache` (see `new_cache`) the
+        OverEncoding tables of site "input" alike. With a `cache` (see `new_cache`) the
         chunk continues the cached sequences: the model hashes it itself from the cache's
         N-gram history, so `rows` must be None. `attention_mask` [B, T] (True = a real token)
         marks padding, which is then invisible to every other token, with or without a cache.
@@ -199,8 +210,9 @@ class EngramLM(nn.Module):
                 rows = self._hash_cached(ids, chunk, cache)
         if rows is None and not engram_off:
             rows = self.hash(ids)
-        if rows is not None and self.row_prefetch is not None:
-            self.row_prefetch(rows)  # a table placement may start fetching every layer's rows
+        if rows is not None:
+            for hook in self._rows_hooks.values():  # a placement may start fetching every layer
+                hook(rows)
         M = self.config.hc_branches
         x = self.embed(ids)  # [B, T, d]
         if not engram_off:

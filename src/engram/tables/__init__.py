@@ -1,10 +1,11 @@
 """Engram tables beyond accelerator memory: one row-store interface, several placements.
 
-Issue 6 ("Memory beyond RAM"), the storage layer. A table is a `RowStore` of float32 records
+The storage layer. A table is a `RowStore` of float32 records
 (row value + optimiser state); placements are `DeviceStore`, `HostStore` (pinned), `DiskStore`
 (a sparse memory-mapped file) and `CachedStore` (a bounded hot-row cache in front of any of
 them). `lookup` reads a batch's unique rows differentiably; `RowAdam` / `RowAdagrad` update the
-touched rows in place in their store; `save_tables` / `load_tables` checkpoint them atomically.
+touched rows in place in their store; `write_tables` / `restore_tables` put them in a checkpoint
+(`engram.checkpoint` commits it atomically).
 `TablePlan` says where each of a model's tables lives and `PlacedTables` applies it to the
 model; `QuantizedStore` serves int8/fp8 rows for inference.
 See docs/tables.md. The model core never imports this package: placement is applied from a plan.
@@ -14,11 +15,10 @@ from engram.rowinit import RowInit
 from engram.tables.base import ALL, VALUE, RowStore, StoreStats, TableLayout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import Lookup, lookup
-from engram.tables.optim import RowAdagrad, RowAdam, RowOptimizer, make_row_optimizer
-from engram.tables.persist import load_tables, save_tables
-from engram.tables.placed import PlacedTables
+from engram.tables.placed import PlacedTables, restore_tables, write_tables
 from engram.tables.plan import LayerPlacement, TablePlacement, TablePlan
 from engram.tables.quant import QuantizedStore
+from engram.tables.row_optim import RowAdagrad, RowAdam, RowOptimizer, make_row_optimizer
 from engram.tables.stores import DeviceStore, DiskStore, HostStore
 
 __all__ = [
@@ -41,8 +41,8 @@ __all__ = [
     "TableLayout",
     "TablePlacement",
     "TablePlan",
-    "load_tables",
     "lookup",
     "make_row_optimizer",
-    "save_tables",
+    "restore_tables",
+    "write_tables",
 ]

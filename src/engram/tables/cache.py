@@ -113,14 +113,15 @@ class CachedStore(RowStore):
         self._acquire(rows.cpu().numpy())
 
     def unpin(self, rows: torch.Tensor) -> None:
-        """Release one pin of each of `rows`; ValueError if one of them is not pinned."""
+        """Release one pin of each of `rows`; RuntimeError (unbalanced pins: our bug) if one of
+        them is not pinned."""
         check_rows(rows, self.num_rows)
         index = rows.cpu().numpy()
         with self._cond:
             slots = self._where[index].astype(np.int64) - 1
             bad = (slots < 0) | (self._pins[np.maximum(slots, 0)] <= 0)
             if bad.any():
-                raise ValueError(f"row {int(index[bad][0])} is not pinned")
+                raise RuntimeError(f"row {int(index[bad][0])} is not pinned")
             self._pins[slots] -= 1
 
     @contextmanager
@@ -327,7 +328,7 @@ class CachedStore(RowStore):
         """Drop every cached row (none may be pinned), then load the backing store."""
         with self._cond:
             if self._pins.any() or self._loading.any():
-                raise ValueError("cannot load into a cache with pinned or loading rows")
+                raise RuntimeError("cannot load into a cache with pinned or loading rows")
             held = np.flatnonzero(self._slot_row >= 0)
             self._where[self._slot_row[held]] = 0
             self._slot_row[:] = -1

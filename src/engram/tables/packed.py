@@ -71,7 +71,7 @@ def write_packed(
         for start in range(0, n, step):
             chunk = np.ascontiguousarray(records(ids[start : start + step]), dtype="<f4")
             if chunk.shape != (min(step, n - start), width):
-                raise ValueError(f"records gave {chunk.shape}, expected [*, {width}]")
+                raise RuntimeError(f"records gave {chunk.shape}, expected [*, {width}]")
             f.write(chunk.tobytes())
         f.flush()
         os.fsync(f.fileno())

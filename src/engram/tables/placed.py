@@ -1,59 +1,63 @@
-"""A model's Engram tables, placed as its `TablePlan` says: stores, row optimisers, prefetch.
+"""A model's Engram tables, placed as its `TablePlan` says: stores, row optimisers, rows ahead.
 
-`PlacedTables(model, plan, folder, device)` walks `model.engram_layers`. A table whose placement
-is `embedded` (device + adam) stays the model's nn.Embedding and is trained by the torch
-optimiser as before. Every other table gets a `RowStore` (device, host or disk, optionally
-behind a hot-row cache) and a row-wise optimiser, and the module reads it through a row source:
+`PlacedTables(model.engram_layers, plan, folder, device)` walks the model's memories. A table whose
+placement is `embedded` (device + adam) stays the model's nn.Embedding and is trained by the
+torch optimiser as before. Every other table gets a `RowStore` (device, host or disk, optionally
+behind a hot-row cache) and a row-wise optimiser, and the module reads it through its
+`PlacedTable`, installed as the module's row source. One training step, as the trainer runs it:
 
-    forward   HashedMemory.lookup(rows) -> source(rows, offsets) -> tables.lookup(store, ...)
-              the Lookup (unique rows, their values as a leaf) is kept until the step
-    backward  autograd fills the leaf's gradient: one summed gradient per unique row
-    step      RowAdam / RowAdagrad update those rows and their state in the store
+    pin_ahead(batch n+1)  a thread pins the next batch's rows in every cached table (loading
+                          misses from host or disk) while this step computes
+    fetch(rows)           tables off the compute device: a thread reads this forward's rows and,
+                          on CUDA, copies them to the device on a side stream
+    forward               HashedMemory.lookup(rows) -> PlacedTable.read -> the fetched rows, or
+                          `tables.lookup(store, ...)`; the Lookup (unique rows, their values as a
+                          leaf) is kept until the step
+    backward              autograd fills the leaf's gradient: one summed gradient per unique row
+    step(lr)              RowAdam / RowAdagrad update those rows and their state in the store
+    release(pins)         the batch's rows may leave the cache
 
 So training with a table on disk runs the same arithmetic as training it on the device (tested
-bit for bit on fp32). The tables are named `layer{id}` in checkpoints and statistics.
+bit for bit on fp32), and every table operation is started and awaited from the training loop
+(where a collective would go). At most two batches are pinned at once (the one training and the
+next), and a cache must hold their rows. The tables are named `layer{id}` in checkpoints and
+statistics.
 
-Prefetch (`prefetched(batches)`): a thread takes batch n+1 from the loader and pins its rows in
-every cached table (loading misses from host or disk) while step n computes; the trainer
-releases a batch's pins after its optimiser step, and only then may the thread pin the batch
-after next. So at most two batches are pinned at once (the one training and the next), and a
-cache must hold their rows.
-
-Fetch ahead (`fetch_ahead(model)`): the model hands each forward's rows of every layer to a
-background thread as soon as it has hashed them, before its first layer runs. The thread reads
-them (from the cache, loading misses) and, on CUDA, starts their copy to the device on a side
-stream; a layer's row source waits only for its own table's fetch, and the compute stream only
-for its copy (`engram.tables.lookup.fetch`/`finish`). So a table's rows arrive while the layers
-before it compute (the paper's host-offload overlap), in inference and, on an accelerator, in
-training (where the batch prefetch above has already made a cache's rows resident). Forwards of
-fewer than `PREFETCH_MIN_LOOKUPS` lookups (decode steps) read in the layer: for a handful of
-rows the hand-off costs more than it hides.
+In inference the model hashes its own input, so `fetch_ahead(model)` registers a rows hook: the
+fetch starts as soon as the model has hashed a forward, before its first layer runs, and a
+table's rows arrive while the layers before it compute (the paper's host-offload overlap). A
+layer's row source waits only for its own table's fetch, and the compute stream only for its
+copy (`engram.tables.lookup.fetch`/`finish`). Forwards of fewer than `PREFETCH_MIN_LOOKUPS`
+lookups (decode steps) read in the layer: for a handful of rows the hand-off costs more than it
+hides.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from engram.files import remove_later, sweep_trash
 from engram.module import HashedMemory
-from engram.tables.base import RowStore, TableLayout
+from engram.tables.base import RowStore, TableLayout, check_layout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import Fetched, Lookup, fetch, finish, global_ids, lookup
-from engram.tables.optim import RowOptimizer, make_row_optimizer
 from engram.tables.packed import PackedStore, is_packed
-from engram.tables.persist import restore_tables, write_tables
 from engram.tables.plan import TablePlacement, TablePlan
+from engram.tables.row_optim import RowOptimizer, make_row_optimizer
 from engram.tables.stores import DeviceStore, DiskStore, HostStore
+
+if TYPE_CHECKING:
+    from engram.model import EngramLM
 
 # Below this many lookups in a forward (B x T x heads) a table is not prefetched: handing a
 # decode step's handful of rows to a thread cost 0.6 ms against 0.3 ms for reading them
@@ -63,6 +67,7 @@ _EMBED_CHUNK = 1 << 16  # rows read at a time when a placed table becomes an emb
 
 
 def table_name(layer: int) -> str:
+    """How layer `layer`'s table is named in checkpoints, statistics and quantised folders."""
     return f"layer{layer}"
 
 
@@ -71,7 +76,7 @@ class PlacedTable:
     """One table held outside the model: its memory module, store, optimiser and pending reads."""
 
     memory: HashedMemory
-    placement: TablePlacement
+    entry: TablePlacement  # the plan's entry for this table: where it lives, how it trains
     store: RowStore
     optimizer: RowOptimizer
     pending: list[Lookup] = field(default_factory=list)
@@ -80,7 +85,7 @@ class PlacedTable:
     @property
     def prefetches(self) -> bool:
         """Whether rows are pinned ahead of use (a cache in front, and the plan asks for it)."""
-        return isinstance(self.store, CachedStore) and self.placement.prefetch
+        return isinstance(self.store, CachedStore) and self.entry.prefetch
 
     def unique_ids(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
         """The sorted global ids [U] this table reads for a forward's `rows` (all layers)."""
@@ -136,7 +141,7 @@ class PlacedTables:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        memories: Sequence[HashedMemory],
         plan: TablePlan,
         folder: str | Path,
         device: str | torch.device = "cpu",
@@ -145,54 +150,64 @@ class PlacedTables:
         read_only: bool = False,
     ) -> None:
         plan.validate()
-        memories: list[HashedMemory] = list(getattr(model, "engram_layers", []))
         plan.check_layers([m.layer_id for m in memories])
         self.plan, self.folder, self.device = plan, Path(folder), torch.device(device)
         self.read_only = read_only
         self.in_place: set[str] = set()  # tables read from `folder` where they lie
         self.tables: dict[str, PlacedTable] = {}
+        self._pins: ThreadPoolExecutor | None = None  # pins the next batch's rows
+        self._fetches: ThreadPoolExecutor | None = None  # reads a forward's rows ahead
+        self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._hook: RemovableHandle | None = None
         try:
             for memory in memories:
-                placement = plan.for_layer(memory.layer_id)
-                if placement.embedded:
+                entry = plan.for_layer(memory.layer_id)
+                if entry.embedded:
                     if memory.table is not None and memory.table.weight.is_meta:
                         memory.materialize_table()
                     continue
-                self._place(memory, placement, betas, fresh)
+                self._place(memory, entry, betas, fresh)
         except BaseException:
             self.close()
             raise
 
     def _place(
-        self, memory: HashedMemory, placement: TablePlacement, betas: tuple, fresh: bool
+        self, memory: HashedMemory, entry: TablePlacement, betas: tuple, fresh: bool
     ) -> None:
         name = table_name(memory.layer_id)
-        kind = placement.optimizer
+        kind = entry.optimizer
         optimizer = make_row_optimizer(kind, **({"betas": betas} if kind == "adam" else {}))
         layout = optimizer.layout(memory.spec.layer_rows(memory.layer_id), memory.spec.row_dim)
-        store = self._store(name, placement, layout, memory, fresh)
-        if placement.cache_rows:
-            store = CachedStore(store, capacity=min(placement.cache_rows, layout.num_rows))
+        store = self._store(name, entry, layout, memory, fresh)
+        if entry.cache_rows:
+            store = CachedStore(store, capacity=min(entry.cache_rows, layout.num_rows))
         if memory.table is not None and not memory.table.weight.is_meta:
             # A model built with its table (e.g. a trained one being converted): keep its rows.
             every = torch.arange(layout.num_rows, dtype=torch.int64)
             store.write(every, memory.table.weight.detach().float().cpu())
-        table = PlacedTable(memory, placement, store, optimizer)
-        memory.use_row_source(table.read)
+        table = PlacedTable(memory, entry, store, optimizer)
+        memory.use_row_source(table)
         self.tables[name] = table
 
-    def _store(self, name, placement, layout, memory, fresh: bool) -> RowStore:
-        if placement.placement == "device":
+    def _store(
+        self,
+        name: str,
+        entry: TablePlacement,
+        layout: TableLayout,
+        memory: HashedMemory,
+        fresh: bool,
+    ) -> RowStore:
+        if entry.placement == "device":
             return DeviceStore(layout, memory.init, self.device)
-        if placement.placement == "host":
+        if entry.placement == "host":
             return HostStore(layout, memory.init)
         if self.read_only:  # the checkpoint's own file: nothing copied, nothing written
             self.in_place.add(name)
             return self._open(self.folder / f"{name}.table", name, layout, memory, True)
         folder = self.folder
-        if placement.path:  # a shared fast drive: one subfolder per run, so runs never collide
+        if entry.path:  # a shared fast drive: one subfolder per run, so runs never collide
             key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
-            folder = Path(placement.path) / f"{self.folder.parent.name}-{key}"
+            folder = Path(entry.path) / f"{self.folder.parent.name}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
         if path.exists() and not fresh:  # resumed: the checkpoint's rows are restored into it
@@ -229,7 +244,7 @@ class PlacedTables:
         for table in self.tables.values():
             table.pending.clear()
 
-    # ---- prefetch ----------------------------------------------------------------------------
+    # ---- rows ahead of use: pins for the next batch, fetches for this forward --------------------
     def pin(self, rows: dict[int, torch.Tensor] | None) -> list[tuple[CachedStore, torch.Tensor]]:
         """Pin a batch's rows in every cached, prefetching table; returns what to `release`."""
         pinned = []
@@ -242,88 +257,60 @@ class PlacedTables:
     def _prefetching(self) -> list[PlacedTable]:
         return [t for t in self.tables.values() if t.prefetches]
 
+    def pin_ahead(self, batch: Any) -> Future:
+        """Start pinning `batch`'s rows in a background thread; the future's result is `batch`
+        and what to `release` after its step. The trainer pins batch n+1 while step n computes,
+        so a cache holds the rows of at most two batches at once."""
+        if not self._prefetching():
+            done: Future = Future()
+            done.set_result((batch, []))
+            return done
+        if self._pins is None:
+            self._pins = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-pins")
+        return self._pins.submit(lambda: (batch, self.pin(batch.rows)))
+
     @staticmethod
     def release(pinned: list[tuple[CachedStore, torch.Tensor]]) -> None:
         for store, ids in pinned:
             store.unpin(ids)
 
-    def prefetched(self, batches: Iterable) -> Iterator[tuple[Any, list]]:
-        """(batch, pins) pairs, batch n+1 pinned in a background thread while n trains."""
-        if not self._prefetching():
-            yield from ((batch, []) for batch in batches)
+    def fetch(self, rows: dict[int, torch.Tensor] | None, training: bool = True) -> None:
+        """Start reading a forward's `rows` (every layer's, best on the CPU) of each table that
+        fetches ahead, in a background thread; on CUDA their copy to the device runs on a side
+        stream. Each layer's row source waits for its own table only. In training only tables
+        off the compute device fetch (a cache's rows are pinned already: on the CPU nothing is
+        left to hide); in inference cached tables too."""
+        if rows is None:
             return
-        ready: queue.Queue = queue.Queue()
-        room = threading.Semaphore(1)  # batches pinned ahead of the one training: one
-        stop = threading.Event()
-        worker = threading.Thread(
-            target=self._prefetch_loop, args=(iter(batches), ready, room, stop), daemon=True
-        )
-        worker.start()
-        try:
-            while True:
-                item = ready.get()
-                room.release()  # the worker may pin batch n+2 while n+1 trains
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:
-                    return
-                yield item
-        finally:
-            stop.set()
-            room.release()
-            worker.join()
-            while not ready.empty():  # a batch pinned but never trained: release it
-                item = ready.get()
-                if isinstance(item, tuple):
-                    self.release(item[1])
+        for table in self.tables.values():
+            table.settle()  # a forward that never reached this table: drop its rows
+            local = rows[table.memory.layer_id]
+            if not self._fetches_ahead(table, training) or local.numel() < PREFETCH_MIN_LOOKUPS:
+                continue  # (a decode step: the layer reads its few rows itself)
+            if self._fetches is None:
+                self._fetches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-rows")
+            ids = global_ids(local.cpu(), table.memory.offsets)
+            table.inflight = self._fetches.submit(
+                fetch, table.store, ids, self.device, self._fetch_stream
+            )
 
-    def fetch_ahead(self, model: torch.nn.Module, training: bool = False) -> None:
-        """Read each forward's rows in a background thread before its layers run (see the
-        module docstring); sets `model.row_prefetch`. Tables fetched: those behind a cache or
-        off the compute device; with `training`, only the latter (the batch prefetch already
-        pins a cache's rows, so on the CPU there is nothing left to hide)."""
-        tables = [t for t in self.tables.values() if self._fetches(t, training)]
-        if not tables:
-            return
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-rows")
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
-        def hook(rows: dict[int, torch.Tensor]) -> None:
-            for table in tables:
-                table.settle()  # a forward that never reached this table: drop its rows
-                local = rows[table.memory.layer_id]
-                if local.numel() < PREFETCH_MIN_LOOKUPS:
-                    continue  # a decode step: the layer reads its few rows itself
-                ids = global_ids(local.cpu(), table.memory.offsets)
-                table.inflight = self._pool.submit(fetch, table.store, ids, self.device, stream)
-
-        model.row_prefetch = hook
-
-    def _fetches(self, table: PlacedTable, training: bool) -> bool:
+    def _fetches_ahead(self, table: PlacedTable, training: bool) -> bool:
+        if table.memory.row_source is not table:  # replaced (e.g. by quantised rows)
+            return False
         off_device = table.store.device != self.device
-        return table.placement.prefetch and (off_device or (table.prefetches and not training))
+        return table.entry.prefetch and (off_device or (table.prefetches and not training))
 
-    def _prefetch_loop(
-        self,
-        batches: Iterator,
-        ready: queue.Queue,
-        room: threading.Semaphore,
-        stop: threading.Event,
-    ) -> None:
-        try:
-            while True:
-                room.acquire()
-                if stop.is_set():
-                    return
-                batch = next(batches, None)
-                if batch is None:
-                    ready.put(None)
-                    return
-                ready.put((batch, self.pin(batch.rows)))
-        except BaseException as e:  # handed to the consumer, which raises it
-            ready.put(e)
+    def fetches_ahead(self, training: bool) -> list[str]:
+        """The tables whose rows `fetch` reads ahead (in training, or in inference)."""
+        return [n for n, t in self.tables.items() if self._fetches_ahead(t, training)]
 
-    def embed(self, model: torch.nn.Module) -> None:
+    def fetch_ahead(self, model: EngramLM) -> None:
+        """Fetch every inference forward's rows as soon as `model` has hashed them, before its
+        first layer runs (a rows hook; `embed` and `close` remove it)."""
+        if self.fetches_ahead(training=False) and self._hook is None:
+            self._hook = model.register_rows_hook(lambda rows: self.fetch(rows, training=False))
+
+    def embed(self) -> None:
         """Hand every placed table back to its module as an nn.Embedding on the compute device
         (all rows read, a chunk at a time), for exports that keep tables as weights (the HF
         integration). ValueError if their values exceed the RAM available now."""
@@ -334,9 +321,8 @@ class PlacedTables:
                 f"the placed tables hold {need / 1e9:.1f} GB of values, more than the "
                 f"{free / 1e9:.1f} GB of free RAM: they cannot become embeddings"
             )
-        model.row_prefetch = None  # nothing is left to fetch ahead
+        self._stop_fetching()  # nothing is left to fetch ahead
         for table in self.tables.values():
-            table.settle()
             weight = torch.empty(table.store.num_rows, table.store.dim)
             for start in range(0, table.store.num_rows, _EMBED_CHUNK):
                 rows = torch.arange(start, min(start + _EMBED_CHUNK, table.store.num_rows))
@@ -379,9 +365,51 @@ class PlacedTables:
         for table in self.tables.values():
             table.store.flush()
 
+    def _stop_fetching(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for pool in (self._pins, self._fetches):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pins = self._fetches = None
+        for table in self.tables.values():
+            table.settle()
+
     def close(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
-        for table in getattr(self, "tables", {}).values():
+        self._stop_fetching()
+        for table in self.tables.values():
             table.store.close()
+
+
+# ---- table files inside a checkpoint --------------------------------------------------------
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def write_tables(folder: Path, stores: Mapping[str, RowStore]) -> dict[str, Any]:
+    """Save every store into `folder` as `{name}.table` (each in its store's own format: a disk
+    table's written rows, packed; an in-memory table's records; fsynced); manifest entries.
+
+    The folder is an attachment of a checkpoint being written (`engram.checkpoint`), committed
+    by the same atomic rename as the weights."""
+    for name in stores:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"table name {name!r} must match {_NAME.pattern} (it names a file)")
+    entries = {}
+    for name, store in stores.items():
+        file = f"{name}.table"
+        store.save(folder / file)  # flushes first; the file is fsynced
+        blocks = os.stat(folder / file).st_blocks * 512
+        entries[name] = {**store.describe(), "file": file, "allocated_bytes": blocks}
+    return entries
+
+
+def restore_tables(folder: Path, stores: Mapping[str, RowStore], entries: dict[str, Any]) -> None:
+    """Load every store from `folder` given the manifest entries `write_tables` returned."""
+    missing = sorted(set(stores) - set(entries))
+    if missing:
+        raise ValueError(f"{folder} has no table named {missing} (it has {sorted(entries)})")
+    for name, store in stores.items():  # check every layout before changing any store
+        check_layout(store.layout, entries[name]["layout"], folder / entries[name]["file"])
+    for name, store in stores.items():
+        store.load(folder / entries[name]["file"])

@@ -63,10 +63,6 @@ class TablePlacement:
         """Whether the table stays an nn.Embedding in the model (no row store)."""
         return self.placement == "device" and self.optimizer == "adam"
 
-    def only(self) -> TablePlacement:
-        """This placement without any subclass fields."""
-        return TablePlacement(**{f.name: getattr(self, f.name) for f in fields(TablePlacement)})
-
 
 @dataclass(frozen=True)
 class LayerPlacement(TablePlacement):
@@ -94,10 +90,10 @@ class TablePlan(TablePlacement):
 
     def for_layer(self, layer: int) -> TablePlacement:
         """The placement of the table of Engram layer `layer`."""
-        for entry in self.layers:
-            if entry.layer == layer:
-                return entry.only()
-        return self.only()
+        entry = next((e for e in self.layers if e.layer == layer), self)
+        # Just the placement's own fields: a plan entry's `layer` (or the plan's `layers`) are
+        # not part of where one table lives.
+        return TablePlacement(**{f.name: getattr(entry, f.name) for f in fields(TablePlacement)})
 
     def check_layers(self, layer_ids: tuple[int, ...] | list[int]) -> None:
         """Every per-layer entry must name a table the model has."""

@@ -42,9 +42,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engram.files import fsync_file
 from engram.rowinit import RowInit
 from engram.tables.base import VALUE, RowStore, TableLayout, check_layout, check_rows
-from engram.tables.stores import fsync_file
 
 QMAX = {"int8": 127.0, "fp8": 448.0}  # largest magnitude a scaled value may take
 READ_ONLY = (

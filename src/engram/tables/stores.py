@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engram.files import delete_in_background, remove_later, trash_name
+from engram.files import delete_in_background, fsync_dir, fsync_file, remove_later, trash_name
 from engram.rowinit import RowInit, fill_initial
 from engram.tables.base import ALL, RowStore, TableLayout, check_layout, initial_records
 from engram.tables.packed import PackedStore, is_packed, write_packed
@@ -59,24 +59,6 @@ from engram.tables.packed import PackedStore, is_packed, write_packed
 def pinning_available() -> bool:
     """Whether host memory can be page-locked (needs an accelerator runtime)."""
     return torch.cuda.is_available()
-
-
-def fsync_file(path: Path) -> None:
-    """Force a written file's data and size to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of a directory durable (a rename is only durable once its folder is)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TensorStore(RowStore):

@@ -1,0 +1,138 @@
+"""Assembly: the tokenizer, hash spec and model a config describes, where they run, their score.
+
+The one place that turns configs into objects. The trainer, loading a trained run, the Hugging
+Face export and the studies all build through here, so a model is assembled the same way
+wherever it is used:
+
+    config.tokenizer, config.data --get_tokenizer--> Tokenizer   (a BPE is trained once, cached)
+    ModelConfig, Tokenizer        --build_model-->   EngramLM, HashSpec
+                                                     (the spec resolved against the tokenizer; the
+                                                      model owns its hasher and Engram layers)
+
+Where the tables of the model live is applied afterwards, from the run's `TablePlan`
+(`engram.tables.PlacedTables`): build under `lazy_tables()` so that no table is allocated first.
+
+Model code never names a device (it follows its parameters and inputs); `pick_device`,
+`autocast_for` and `to_device` are for the code that decides placement. `evaluate` scores a
+model the same way for the trainer's validation, `engram eval` and the studies: window i of the
+validation tokens is tokens[i*T : i*T+T+1], a fresh context at each, so every model is scored on
+the same next-token predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engram.config import TrainConfig
+from engram.data import documents, eval_batches, source_fingerprint
+from engram.hashing import NgramHasher
+from engram.model import EngramLM, ModelConfig
+from engram.spec import HashSpec, resolve
+from engram.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from engram.vocab import cache_dir, compress
+
+
+def get_tokenizer(name: str, data: str) -> Tokenizer:
+    """`bpe:N` trains (once, cached by data fingerprint) a byte-level BPE; else `load_tokenizer`."""
+    if not name.startswith("bpe:"):
+        return load_tokenizer(name)
+    try:
+        size = int(name[4:])
+    except ValueError:
+        raise ValueError(f"tokenizer {name!r}: expected bpe:VOCAB_SIZE, e.g. bpe:8192") from None
+    key = hashlib.sha256(f"{data}:{source_fingerprint(data)}:{size}".encode()).hexdigest()[:24]
+    path = cache_dir() / "tokenizers" / f"bpe-{key}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    tok = train_bpe(documents(data, "train"), vocab_size=size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tok.save(tmp)
+    tmp.replace(path)
+    return load_tokenizer(path)
+
+
+def build_model(
+    config: ModelConfig, tok: Tokenizer, tokenizer_path: str
+) -> tuple[EngramLM, HashSpec | None]:
+    """The model for `tok`, with its spec resolved against it (spec.tokenizer = tokenizer_path)."""
+    config = config.with_(vocab_size=tok.vocab_size)
+    if config.engram is None:
+        return EngramLM(config), None
+    spec_cfg = replace(config.engram.spec, tokenizer=tokenizer_path)
+    if spec_cfg.pad_id is None or spec_cfg.pad_id >= tok.vocab_size:
+        spec_cfg = replace(spec_cfg, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id)
+    config = config.with_(engram=replace(config.engram, spec=spec_cfg))
+    vocab = compress(tok, enabled=spec_cfg.compress)
+    spec = resolve(spec_cfg, tokenizer=tok, vocab=vocab)
+    return EngramLM(config, spec, NgramHasher(spec, vocab)), spec
+
+
+# ---- where it runs ---------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA when present, else the CPU) or a torch device name this machine has.
+
+    A name is user input: one torch cannot parse, or a device this build or machine lacks, is a
+    ValueError here rather than an AssertionError or RuntimeError deep inside the first `.to()`.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {name!r}: expected auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this torch build has no CUDA device")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} asked for, but there are {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available here")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast for `precision` bf16, or auto on CUDA; otherwise fp32 (no autocast)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(ids, targets, rows) of a loader batch on `device`; rows None when the loader hashed none."""
+    rows = (
+        {k: v.to(device, non_blocking=True) for k, v in batch.rows.items()}
+        if batch.rows is not None
+        else None
+    )
+    return batch.ids.to(device), batch.targets.to(device), rows
+
+
+# ---- how it scores -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(
+    model: EngramLM, tokens, config: TrainConfig, device: torch.device, engram_off: bool = False
+) -> float:
+    """Mean cross-entropy (nats/token) over the first `eval_tokens` validation tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(
+        tokens, config.seq_len, config.batch_size, model.hasher, max_tokens=config.eval_tokens
+    ):
+        ids, targets, rows = to_device(batch, device)
+        with autocast_for(device, config.precision):
+            logits = model(ids, rows=rows, engram_off=engram_off)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        total += float(loss)
+        count += targets.numel()
+    model.train(was_training)
+    return total / count

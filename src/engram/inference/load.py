@@ -1,0 +1,100 @@
+"""Loading a trained run for use: a typed handle with its model, tables, tokenizer, spec, config.
+
+`load_trained(path)` reads a run folder (or one of its checkpoints), checks every piece against
+the checkpoint's manifest, assembles the model as the run did (`engram.assembly`), and places its
+tables for inference: the run's `TablePlan`, except that a disk table is the checkpoint's own
+file, mapped read-only where it lies (nothing copied, the run's files never written), and that
+cached or off-device tables fetch each forward's rows ahead. Evaluation, generation, quantisation,
+the Hugging Face export and the studies all start here; nothing here imports the trainer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engram.assembly import build_model, pick_device
+from engram.checkpoint import load_checkpoint, read_manifest
+from engram.config import TrainConfig, from_dict
+from engram.model import EngramLM
+from engram.module import lazy_tables
+from engram.spec import HashSpec
+from engram.tables.placed import PlacedTables
+from engram.tables.plan import TablePlan
+from engram.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class Trained:
+    """A trained model ready for inference, and everything it was trained with."""
+
+    model: EngramLM  # in eval mode, on the device asked for
+    tables: PlacedTables  # tables held outside the model (empty when all are embeddings)
+    tokenizer: Tokenizer
+    spec: HashSpec | None  # None for a model without Engram
+    config: TrainConfig  # the run's resolved config
+    manifest: dict[str, Any]  # the checkpoint's manifest; "path" is its folder
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.manifest["path"])
+
+
+def load_trained(path: str | Path, device: str = "auto") -> Trained:
+    """A trained model from a run folder or checkpoint, checked against its manifest.
+
+    ValueError (a user's mistake: a wrong path, a mismatched or corrupt checkpoint) names what
+    is wrong before any weight is loaded.
+    """
+    manifest = read_manifest(path)
+    ckpt = Path(manifest["path"])
+    tok_path = ckpt.parent.parent / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ValueError(f"no tokenizer.json in the run folder {ckpt.parent.parent}")
+    tok = load_tokenizer(tok_path)
+    if tok.fingerprint != manifest["tokenizer_fingerprint"]:
+        raise ValueError(f"{tok_path} is not the tokenizer this checkpoint was trained with")
+    config = from_dict(TrainConfig, manifest["config"])
+    spec_tokenizer = (manifest["spec"] or {}).get("tokenizer", str(tok_path))
+    # Seeded as the run was, so that each table's init (which untouched rows of a placed table
+    # read as) is the run's; the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]), lazy_tables():
+        torch.manual_seed(config.seed)
+        model, spec = build_model(config.model, tok, spec_tokenizer)
+    if spec is not None and spec.to_dict() != manifest["spec"]:
+        raise ValueError("the checkpoint's hash spec does not match what its config derives")
+    target = pick_device(device)
+    tables = place_for_inference(model, config, target, ckpt / "tables")
+    load_checkpoint(ckpt, model)
+    if tables:
+        if "tables" not in manifest:
+            raise ValueError(f"checkpoint {ckpt} has no tables/ for its placed Engram tables")
+        tables.restore(ckpt / "tables", manifest["tables"])
+    model.to(target).eval()
+    return Trained(model, tables, tok, spec, config, manifest)
+
+
+def inference_plan(plan: TablePlan) -> TablePlan:
+    """The run's plan with every disk table read from the checkpoint folder itself."""
+    return replace(plan, path="", layers=tuple(replace(e, path="") for e in plan.layers))
+
+
+def place_for_inference(
+    model: EngramLM, config: TrainConfig, device: torch.device, folder: Path
+) -> PlacedTables:
+    """Place `model`'s tables as the run did, for reading: disk tables are the checkpoint's own
+    files in `folder`, mapped read-only; cached and off-device tables fetch each forward's rows
+    ahead. The stores close when the model is collected."""
+    plan, betas = config.tables, (config.optim.beta1, config.optim.beta2)
+    if plan.all_embedded:
+        return PlacedTables(model.engram_layers, plan, ".", device, betas)
+    tables = PlacedTables(
+        model.engram_layers, inference_plan(plan), folder, device, betas, read_only=True
+    )
+    tables.fetch_ahead(model)  # a forward's rows are read before its layers run
+    weakref.finalize(model, tables.close)
+    return tables

@@ -1,0 +1,160 @@
+"""Configs as data: round trips, dotted overrides with typed parsing, TOML recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from engram.config import (
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_recipe,
+    parse_assignments,
+    to_dict,
+)
+from engram.model import ModelConfig, model_preset
+
+
+def test_round_trip_through_json():
+    config = TrainConfig(model=model_preset("demo"))
+    again = from_dict(TrainConfig, json.loads(json.dumps(to_dict(config))))
+    assert again == config
+
+
+def test_dotted_overrides_parse_by_type():
+    config = apply_overrides(
+        TrainConfig(),
+        {
+            "steps": "7",
+            "optim.lr": "1e-3",
+            "model.moe.num_routed": "8",
+            "model.engram.spec.layer_ids": "0,2",
+            "model.engram.gate": "false",
+            "progress": False,
+        },
+    )
+    assert config.steps == 7 and config.optim.lr == 1e-3
+    assert config.model.moe.num_routed == 8
+    assert config.model.engram.spec.layer_ids == (0, 2) and config.model.engram.gate is False
+
+
+def test_setting_a_section_to_none():
+    config = apply_overrides(TrainConfig(), {"model.moe": "none", "model.engram": "none"})
+    assert config.model.moe is None and config.model.engram is None
+    with pytest.raises(ValueError, match="not inside a config section"):
+        apply_overrides(config, {"model.moe.top_k": "2"})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("stepz", "1", "unknown key 'stepz'"),
+        ("steps", "many", "steps='many' is not a valid int"),
+        ("model.engram.gate", "maybe", "is not a valid bool"),
+        ("model.d_model", "none", "cannot be none"),
+    ],
+)
+def test_bad_overrides_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(TrainConfig(), {key: value})
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown field"):
+        from_dict(ModelConfig, {**to_dict(model_preset("tiny")), "colour": "red"})
+
+
+def test_recipe_sections_become_dotted_keys(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('preset = "tiny"\nsteps = 3\n[model]\nd_model = 64\n[model.moe]\ntop_k = 1\n')
+    assert load_recipe(path) == {
+        "preset": "tiny",
+        "steps": 3,
+        "model.d_model": 64,
+        "model.moe.top_k": 1,
+    }
+    with pytest.raises(ValueError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("steps = = 3")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_recipe(tmp_path / "bad.toml")
+
+
+def test_parse_assignments():
+    assert parse_assignments(["a.b=1", "c = x"]) == {"a.b": "1", "c": "x"}
+    with pytest.raises(ValueError, match="use key=value"):
+        parse_assignments(["oops"])
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("steps", True, "steps=True is not a valid int"),  # bool is an int subclass
+        ("steps", [1, 2], r"steps=\[1, 2\] is not a valid int"),
+        ("steps", 1.5, "steps=1.5 is not a valid int"),
+        ("steps", "1e400", "steps='1e400' is not a valid int"),  # int(float('inf')) overflows
+        ("steps", float("inf"), "steps=inf is not a valid int"),
+        ("steps", "nan", "steps='nan' is not a valid int"),
+        ("progress", 5, "progress=5 is not a valid bool"),  # a number is not a flag
+        ("progress", "7", "progress='7' is not a valid bool"),
+        ("progress", "yes", "progress='yes' is not a valid bool"),
+        ("optim.lr", True, "optim.lr=True is not a valid float"),
+        ("optim.lr", [1], r"optim.lr=\[1\] is not a valid float"),
+        ("optim.lr", "nan", "optim.lr='nan' is not a valid float"),
+        ("optim.lr", "-inf", "optim.lr='-inf' is not a valid float"),
+        ("optim.lr", 10**400, "is not a valid float"),  # beyond float range: OverflowError
+        ("tokenizer", ["bpe:512"], r"tokenizer=\['bpe:512'\] is not a valid str"),
+        ("tokenizer", 512, "tokenizer=512 is not a valid str"),
+        ("model.engram.spec.layer_ids", 3, "layer_ids=3 is not a valid list"),
+        ("model.engram.spec.layer_ids", [0, True], "layer_ids=True is not a valid int"),
+        ("model.engram.spec.layer_ids", "0,x", "layer_ids='x' is not a valid int"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(TrainConfig(), {key: value})
+
+
+def test_values_that_are_the_right_type_in_other_clothes():
+    config = apply_overrides(
+        TrainConfig(),
+        {
+            "steps": "1e3",
+            "eval_every": 5.0,
+            "optim.lr": 1,
+            "progress": "1",
+            "model.engram.spec.layer_ids": [0, "2"],
+        },
+    )
+    assert config.steps == 1000 and config.eval_every == 5
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.progress is True and config.model.engram.spec.layer_ids == (0, 2)
+    assert isinstance(config.eval_every, int)
+
+
+def test_missing_fields_are_a_user_error_and_bad_field_types_a_bug():
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['engram.spec.base_sizes', "):
+        from_dict(type(model_preset("demo").engram.spec), {"seed": 1}, prefix="engram.spec.")
+
+    @dataclasses.dataclass
+    class Odd:
+        pair: tuple[int, str] = (1, "a")
+        names: set[str] = dataclasses.field(default_factory=set)
+
+    with pytest.raises(TypeError, match="only tuple"):
+        from_dict(Odd, {"pair": [2, "b"]})
+    with pytest.raises(TypeError, match="not supported"):
+        from_dict(Odd, {"names": ["x"]})
+
+
+def test_a_renamed_field_reads_under_its_new_name():
+    """`model.engram.placement` (block/input) became `site`: old configs and keys still work."""
+    cfg = TrainConfig()
+    old = to_dict(cfg)
+    old["model"]["engram"]["placement"] = old["model"]["engram"].pop("site")
+    assert from_dict(TrainConfig, old) == cfg
+    over = apply_overrides(cfg, {"model.engram.placement": "input"})
+    assert over.model.engram.site == "input"

@@ -1,0 +1,208 @@
+"""One error policy for the CLI: a user's mistake is one line on stderr and exit status 2; a bug
+in our code is a traceback, never dressed as a user error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from small_runs import BASE
+
+import engram.cli
+from engram.assembly import pick_device
+from engram.cli import main
+
+ROOT = Path(__file__).parent.parent
+TINY = str(ROOT / "recipes" / "tiny.toml")
+FAST = ["steps=1", "eval_every=1", "eval_tokens=256", "progress=false"]
+UNWRITABLE = "/proc/engram-no-such/dir"  # /proc takes no new folders, even for root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def user_error(capsys, argv: list[str], *needles: str) -> str:
+    """Run the CLI in-process; it must exit 2 with one line on stderr naming `needles`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ---- configs: recipes and key=value overrides -------------------------------------------------
+@pytest.mark.parametrize(
+    "toml, needle",
+    [
+        ("steps = [1, 2]", "steps=[1, 2] is not a valid int"),
+        ("steps = true", "steps=True is not a valid int"),
+        ("progress = 5", "progress=5 is not a valid bool"),
+        ("tokenizer = 512", "tokenizer=512 is not a valid str"),
+        ("data = ['a', 'b']", "data=['a', 'b'] is not a valid str"),
+        ("[optim]\nlr = [1]", "optim.lr=[1] is not a valid float"),
+        ("[optim]\nlr = nan", "optim.lr=nan is not a valid float"),
+        ("[model.engram.spec]\nlayer_ids = 1", "layer_ids=1 is not a valid list"),
+    ],
+)
+def test_recipe_value_of_the_wrong_type(capsys, tmp_path, toml, needle):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(f'preset = "tiny"\nout_dir = "{tmp_path / "run"}"\n{toml}\n')
+    fast = [o for o in FAST if o.split("=")[0] not in toml]  # overrides would beat the recipe
+    user_error(capsys, ["train", "--recipe", str(recipe), *fast], needle)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("steps=1e400", "steps='1e400' is not a valid int"),
+        ("steps=nan", "steps='nan' is not a valid int"),
+        ("steps=true", "steps='true' is not a valid int"),
+        ("progress=7", "progress='7' is not a valid bool"),
+        ("optim.lr=inf", "optim.lr='inf' is not a valid float"),
+        ("optim.lr=1e999", "optim.lr='1e999' is not a valid float"),
+    ],
+)
+def test_train_override_of_the_wrong_type(capsys, tmp_path, override, needle):
+    argv = ["train", "--recipe", TINY, *FAST, f"out_dir={tmp_path / 'run'}", override]
+    user_error(capsys, argv, needle)
+
+
+def test_spec_override_overflow(capsys):
+    user_error(capsys, ["spec", "--preset", "tiny", "--set", "seed=1e400"], "seed='1e400'")
+
+
+# ---- output folders -------------------------------------------------------------------------
+def test_train_into_an_unwritable_out_dir(capsys):
+    argv = ["train", "--recipe", TINY, *FAST, f"out_dir={UNWRITABLE}"]
+    user_error(capsys, argv, f"cannot write to {UNWRITABLE}")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--quick", "--out", UNWRITABLE],
+        ["quantize", "--ckpt", "nowhere", "--kind", "int8", "--out", f"{UNWRITABLE}/q"],
+        ["study", "collisions", "--quick", "--out", UNWRITABLE],
+        ["study", "allocation", "--quick", "--out", UNWRITABLE],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_unwritable_out_folder(capsys, argv):
+    user_error(capsys, argv, f"cannot write to {UNWRITABLE}")
+
+
+# ---- devices --------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["banana", "cuda", "cuda:99"])
+def test_train_on_a_device_this_machine_lacks(capsys, tmp_path, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv = ["train", "--recipe", TINY, *FAST, f"out_dir={tmp_path / 'run'}", f"device={device}"]
+    user_error(capsys, argv, f"device {device!r}")
+
+
+def test_pick_device_names_what_it_accepts():
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda, cuda:N or mps"):
+        pick_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(stdlib_corpus, tmp_path_factory) -> list[str]:
+    """A 2-step run's overrides (resume them with --resume); the run is copied per test."""
+    corpus = stdlib_corpus(80)
+    out = tmp_path_factory.mktemp("trained") / "run"
+    argv = [f"data={corpus}", f"out_dir={out}", *BASE, "steps=2", "eval_every=2"]
+    assert main(["train", *argv]) == 0
+    return argv
+
+
+def copy_run(trained: list[str], tmp_path: Path) -> tuple[Path, list[str]]:
+    """A fresh copy of the trained run, and the overrides that resume it."""
+    source = Path(trained[1].removeprefix("out_dir="))
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    argv = [trained[0], f"out_dir={run}", *trained[2:]]
+    return run, [a.replace("steps=2", "steps=4") for a in argv]
+
+
+def step_folder(run: Path) -> Path:
+    (folder,) = sorted((run / "checkpoints").glob("step-*"))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["optim.safetensors", "model.safetensors"])
+def test_resume_from_a_truncated_checkpoint(capsys, trained, tmp_path, name):
+    run, argv = copy_run(trained, tmp_path)
+    path = step_folder(run) / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    user_error(capsys, ["train", "--resume", *argv], f"{name} is unreadable")
+
+
+def test_manifest_without_tokenizer_fingerprint(capsys, trained, tmp_path):
+    run, argv = copy_run(trained, tmp_path)
+    manifest = step_folder(run) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["tokenizer_fingerprint"]
+    manifest.write_text(json.dumps(data))
+    capsys.readouterr()
+    user_error(capsys, ["train", "--resume", *argv], "without tokenizer_fingerprint")
+    user_error(capsys, ["eval", "--ckpt", str(run)], "without tokenizer_fingerprint")
+
+
+def test_manifest_that_is_not_an_object(capsys, trained, tmp_path):
+    run, _ = copy_run(trained, tmp_path)
+    (step_folder(run) / "manifest.json").write_text("[1, 2]")
+    capsys.readouterr()
+    user_error(capsys, ["eval", "--ckpt", str(run)], "not a JSON object")
+
+
+def test_training_into_a_folder_holding_a_run(capsys, trained, tmp_path):
+    """Without --resume the new run's metrics would mix with the old: refused, and nothing of
+    the old run is touched; --overwrite replaces it."""
+    run, argv = copy_run(trained, tmp_path)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    metrics = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    user_error(capsys, ["train", *argv], "already holds a run", "--overwrite")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert main(["train", "--overwrite", *argv]) == 0
+    assert not (run / "metrics.jsonl").read_text().startswith(metrics)  # one run's metrics
+
+
+def test_eval_on_an_unknown_device(capsys, trained, tmp_path):
+    run, _ = copy_run(trained, tmp_path)
+    capsys.readouterr()
+    user_error(capsys, ["eval", "--ckpt", str(run), "--device", "banana"], "unknown device")
+
+
+# ---- bugs stay bugs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [RuntimeError, TypeError, KeyError, AssertionError])
+def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, error):
+    def broken(args):
+        raise error("a bug in engram")
+
+    monkeypatch.setattr(engram.cli, "cmd_spec", broken)
+    with pytest.raises(error, match="a bug in engram"):
+        main(["spec", "--preset", "tiny"])
+
+
+def test_a_multi_line_user_error_is_one_line(capsys, monkeypatch):
+    def wordy(args):
+        raise ValueError("first line\n\tsecond line\n")
+
+    monkeypatch.setattr(engram.cli, "cmd_spec", wordy)
+    err = user_error(capsys, ["spec", "--preset", "tiny"], "first line; second line")
+    assert err.startswith("engram spec: error:")
