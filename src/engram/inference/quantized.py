@@ -252,7 +252,7 @@ def save_quantized(
     return folder
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def read_quantized_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a quantised-tables folder; ValueError if `folder` is not one."""
     path = Path(folder) / MANIFEST
     try:
@@ -284,7 +284,7 @@ def load_quantized(
     is now (its embedding's device, or its placed store's).
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_quantized_manifest(folder)
     memories = _memories(model) if model is not None else {}
     stores: dict[str, QuantizedStore] = {}
     for name, entry in manifest["tables"].items():

@@ -197,6 +197,11 @@ class RowStore(ABC):
         self._count(read_calls=1, rows_read=rows.numel(), bytes_read=out.numel() * BYTES_PER_FLOAT)
         return out
 
+    def read_to(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The values of sorted unique `rows` [U] on `device` [U, r] (asynchronously from pinned
+        memory). A store that holds fewer bytes per row than float32 moves those instead."""
+        return self.read(rows).to(device, non_blocking=True)
+
     def write(self, rows: torch.Tensor, values: torch.Tensor, slot: str = VALUE) -> None:
         """Overwrite the `slot` columns of sorted unique `rows` [U] with values [U, width]."""
         self._check_open()

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from engram.tables.base import RowStore
-from engram.tables.quant import dequantize
 
 
 @dataclass
@@ -69,16 +68,6 @@ def global_ids(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return rows.to(torch.int64) + offsets.to(rows.device)
 
 
-def _read(store: RowStore, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The rows' values on `device`. A quantised store crosses to another device as stored
-    (int8/fp8 and scales: about a quarter of the bytes) and is dequantised there."""
-    raw = getattr(store, "read_raw", None)
-    if raw is None or device == store.device:
-        return store.read(rows).to(device, non_blocking=True)
-    payload, scales = raw(rows)
-    return dequantize(payload.to(device, non_blocking=True), scales.to(device, non_blocking=True))
-
-
 def lookup(
     store: RowStore,
     rows: torch.Tensor,
@@ -94,7 +83,7 @@ def lookup(
     ids = global_ids(rows, offsets)
     device = rows.device if device is None else torch.device(device)
     uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    values = _read(store, uniq, device)  # [U, r], range checked by the store
+    values = store.read_to(uniq, device)  # [U, r], range checked by the store
     return _assemble(uniq, values, inverse.to(device), requires_grad)
 
 
@@ -120,9 +109,9 @@ def fetch(
     """
     uniq, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
     if stream is None:
-        return Fetched(uniq, inverse.to(device), _read(store, uniq, device))
+        return Fetched(uniq, inverse.to(device), store.read_to(uniq, device))
     with torch.cuda.stream(stream):  # this thread's current stream: the copies go on it
-        values = _read(store, uniq, device)
+        values = store.read_to(uniq, device)
         inverse = inverse.pin_memory().to(device, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(stream)
