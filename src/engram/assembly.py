@@ -9,8 +9,10 @@ wherever it is used:
                                                      (the spec resolved against the tokenizer; the
                                                       model owns its hasher and Engram layers)
 
-Where the tables of the model live is applied afterwards, from the run's `TablePlan`
-(`engram.tables.PlacedTables`): build under `lazy_tables()` so that no table is allocated first.
+    model, TablePlan              --place_tables-->  PlacedTables (where each table lives, how
+                                                     its rows train), applied after building
+                                                     under `lazy_tables()`, so that no table is
+                                                     allocated before the plan decides
 
 Model code never names a device (it follows its parameters and inputs); `pick_device`,
 `autocast_for` and `to_device` are for the code that decides placement. `evaluate` scores a
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +37,8 @@ from engram.data import documents, eval_batches, source_fingerprint
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, ModelConfig
 from engram.spec import HashSpec, resolve
+from engram.tables.placed import PlacedTables
+from engram.tables.plan import TablePlan
 from engram.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from engram.vocab import cache_dir, compress
 
@@ -72,6 +77,30 @@ def build_model(
     vocab = compress(tok, enabled=spec_cfg.compress)
     spec = resolve(spec_cfg, tokenizer=tok, vocab=vocab)
     return EngramLM(config, spec, NgramHasher(spec, vocab)), spec
+
+
+def place_tables(
+    model: EngramLM,
+    config: TrainConfig,
+    folder: str | Path,
+    device: torch.device,
+    plan: TablePlan | None = None,
+    fresh: bool = True,
+    read_only: bool = False,
+) -> PlacedTables:
+    """Apply a run's table plan (default `config.tables`) to `model`, built under `lazy_tables()`:
+    embedded tables are allocated in the model, the others in row stores with row optimisers
+    (betas from `config.optim`); disk tables live in `folder`. `fresh`: a disk table starts anew
+    rather than reusing a live file; `read_only`: `folder` is a checkpoint's, served in place."""
+    return PlacedTables(
+        model.engram_layers,
+        config.tables if plan is None else plan,
+        folder,
+        device,
+        betas=(config.optim.beta1, config.optim.beta2),
+        fresh=fresh,
+        read_only=read_only,
+    )
 
 
 # ---- where it runs ---------------------------------------------------------------------------

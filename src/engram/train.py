@@ -27,6 +27,7 @@ from engram.assembly import (
     evaluate,
     get_tokenizer,
     pick_device,
+    place_tables,
     to_device,
 )
 from engram.checkpoint import (
@@ -41,7 +42,6 @@ from engram.data import Batch, PackedLoader, build_shard
 from engram.files import writable_dir
 from engram.module import lazy_tables
 from engram.optim import Optimizers, lr_factor
-from engram.tables.placed import PlacedTables
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -79,15 +79,11 @@ class Run:
         # be moved or copied and still resume (its fingerprint is what identifies it).
         with lazy_tables():  # the plan decides where each table is allocated
             self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
-        self.tables = PlacedTables(
-            self.model.engram_layers,
-            config.tables,
-            self.dir / "tables",
-            self.device,
-            betas=(config.optim.beta1, config.optim.beta2),
-            # A live disk table is reused only to be overwritten by a checkpoint's: without one
-            # (a run that died before its first save), the table starts fresh.
-            fresh=not (resume and _has_checkpoint(self.dir)),
+        # A live disk table is reused only to be overwritten by a checkpoint's: without one (a
+        # run that died before its first save), the table starts fresh.
+        fresh = not (resume and _has_checkpoint(self.dir))
+        self.tables = place_tables(
+            self.model, config, self.dir / "tables", self.device, fresh=fresh
         )
         self.model.to(self.device)
         self.optim = Optimizers(self.model, config.optim)

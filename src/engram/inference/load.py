@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engram.assembly import build_model, pick_device
+from engram.assembly import build_model, pick_device, place_tables
 from engram.checkpoint import load_checkpoint, read_manifest
 from engram.config import TrainConfig, from_dict
 from engram.model import EngramLM
@@ -89,12 +89,10 @@ def place_for_inference(
     """Place `model`'s tables as the run did, for reading: disk tables are the checkpoint's own
     files in `folder`, mapped read-only; cached and off-device tables fetch each forward's rows
     ahead. The stores close when the model is collected."""
-    plan, betas = config.tables, (config.optim.beta1, config.optim.beta2)
-    if plan.all_embedded:
-        return PlacedTables(model.engram_layers, plan, ".", device, betas)
-    tables = PlacedTables(
-        model.engram_layers, inference_plan(plan), folder, device, betas, read_only=True
-    )
+    if config.tables.all_embedded:
+        return place_tables(model, config, ".", device)
+    plan = inference_plan(config.tables)
+    tables = place_tables(model, config, folder, device, plan=plan, read_only=True)
     tables.fetch_ahead(model)  # a forward's rows are read before its layers run
     weakref.finalize(model, tables.close)
     return tables
