@@ -30,7 +30,7 @@ Legend: U rows, r row dim.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,10 +70,16 @@ class RowInit:
     seed: int
     table_id: int
     std: float
+    first_row: int = 0  # a shard of a table: its row 0 is the table's row `first_row`
 
     def validate(self) -> None:
-        if not isinstance(self.seed, int) or not isinstance(self.table_id, int):
-            raise ValueError(f"seed={self.seed!r} and table_id={self.table_id!r} must be ints")
+        if not all(isinstance(x, int) for x in (self.seed, self.table_id, self.first_row)):
+            raise ValueError(
+                f"seed={self.seed!r}, table_id={self.table_id!r} and "
+                f"first_row={self.first_row!r} must be ints"
+            )
+        if self.first_row < 0:
+            raise ValueError(f"first_row={self.first_row} must be >= 0")
         if not (math.isfinite(self.std) and self.std >= 0):
             raise ValueError(f"std={self.std} must be finite and >= 0")
 
@@ -93,6 +99,8 @@ class RowInit:
         ids = rows.cpu().numpy()
         if ids.size and int(ids.min()) < 0:
             raise ValueError(f"row ids must be >= 0, got {int(ids.min())}")
+        if self.first_row:
+            ids = ids + self.first_row
         step = max(1, _CHUNK // dim)
         if ids.size <= step:  # the common case (a batch's rows): no second copy
             return torch.from_numpy(self._chunk(ids, dim))
@@ -121,12 +129,25 @@ class RowInit:
         flat = both.reshape(ids.size, 2 * pairs)[:, :dim]  # col 2j: cos, 2j+1: sin
         return flat.astype(np.float32)
 
+    def shard(self, first_row: int) -> RowInit:
+        """The init of a shard whose row 0 is this table's row `first_row`: its rows start as
+        the whole table's would (`engram.tables.sharded`)."""
+        return replace(self, first_row=self.first_row + first_row)
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.first_row:  # files of whole tables read as they did before shards
+            del data["first_row"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RowInit:
-        init = cls(seed=int(data["seed"]), table_id=int(data["table_id"]), std=float(data["std"]))
+        init = cls(
+            seed=int(data["seed"]),
+            table_id=int(data["table_id"]),
+            std=float(data["std"]),
+            first_row=int(data.get("first_row", 0)),
+        )
         init.validate()
         return init
 
