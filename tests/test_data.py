@@ -323,6 +323,34 @@ def test_prefetch_thread_stops_on_close_and_on_garbage_collection():
         next(iter(loader))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_together_see_the_batches_of_one_process(hasher, tok, world):
+    """N ranks with batch B yield, rank by rank, the rows of one process's batch of N x B, in the
+    same order across epochs, with the same hash rows; a position resumes at any world size."""
+    tokens = np.asarray(tok.encode("the quick brown fox jumps over the lazy dog. " * 60))
+    kw = {"seq_len": 8, "hasher": hasher, "seed": 5}
+    whole = PackedLoader(tokens, batch_size=2 * world, **kw)
+    ranks = [PackedLoader(tokens, batch_size=2, rank=r, world=world, **kw) for r in range(world)]
+    epoch_len = whole.batches_per_epoch
+    assert [r.batches_per_epoch for r in ranks] == [epoch_len] * world
+    n = epoch_len + 2  # into the second epoch: its permutation is shared too
+    for want, *parts in zip(whole.batches(n), *(r.batches(n) for r in ranks), strict=True):
+        assert torch.equal(want.ids, torch.cat([p.ids for p in parts]))
+        assert torch.equal(want.targets, torch.cat([p.targets for p in parts]))
+        for layer, rows in want.rows.items():
+            assert torch.equal(rows, torch.cat([p.rows[layer] for p in parts]))
+        assert {(p.epoch, p.index, p.tokens_seen) for p in parts} == {
+            (want.epoch, want.index, want.tokens_seen)
+        }
+    state = whole.state_dict()
+    assert all(r.state_dict() == state for r in ranks)
+    single = PackedLoader(tokens, batch_size=2 * world, **kw)
+    single.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(single.batches(1)[0].ids[:2], ranks[0].batches(1)[0].ids)
+    with pytest.raises(ValueError, match="rank=3"):
+        PackedLoader(tokens, batch_size=2, rank=3, world=3, **kw)
+
+
 def test_eval_batches_cover_the_tokens_in_order(hasher):
     tokens = arange_tokens(16 * 10 + 5)  # 10 windows, 4 tokens left unscored
     batches = list(eval_batches(tokens, seq_len=16, batch_size=4))
@@ -342,7 +370,7 @@ def test_loader_rejects_bad_arguments():
         PackedLoader(arange_tokens(), seq_len=0, batch_size=2)
     with pytest.raises(ValueError, match="prefetch=-1"):
         PackedLoader(arange_tokens(), seq_len=8, batch_size=2, prefetch=-1)
-    with pytest.raises(ValueError, match="fewer than one batch of batch_size=200"):
+    with pytest.raises(ValueError, match="fewer than one global batch of 1 x batch_size=200"):
         PackedLoader(arange_tokens(), seq_len=8, batch_size=200)
     with pytest.raises(ValueError, match="1-D integer"):
         PackedLoader(np.zeros((4, 100)), seq_len=8, batch_size=2)

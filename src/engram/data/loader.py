@@ -156,6 +156,12 @@ class PackedLoader:
     (not the next one prefetched), and `load_state_dict()` continues from exactly that batch.
     All iterators of one loader share its position; use one at a time. `prefetch=0` computes
     batches in the consumer's thread.
+
+    Data parallel: with `world` > 1 each of the `world` ranks holds a loader with its `rank`;
+    a global batch is `world x batch_size` windows and rank r yields rows [r*B, (r+1)*B) of it.
+    So N ranks with batch B see exactly the batches one process with batch N x B sees, in the
+    same order, and a position (`state_dict`, counted in global batches) resumes at any world
+    size with the same global batch.
     """
 
     def __init__(
@@ -167,8 +173,13 @@ class PackedLoader:
         seed: int = 0,
         shuffle: bool = True,
         prefetch: int = 2,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        self.tokens = _check_tokens(shard_tokens, seq_len, batch_size)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank={rank} must be in [0, world={world})")
+        self.rank, self.world = rank, world
+        self.tokens = _check_tokens(shard_tokens, seq_len, batch_size * world)
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch} must be >= 0")
         if seed < 0:
@@ -176,11 +187,12 @@ class PackedLoader:
         self.seq_len, self.batch_size, self.hasher = seq_len, batch_size, hasher
         self.seed, self.shuffle, self.prefetch = seed, shuffle, prefetch
         self.n_windows = (len(self.tokens) - 1) // seq_len
-        self.batches_per_epoch = self.n_windows // batch_size
+        self.global_batch = batch_size * world
+        self.batches_per_epoch = self.n_windows // self.global_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{len(self.tokens)} tokens make {self.n_windows} windows of seq_len={seq_len}, "
-                f"fewer than one batch of batch_size={batch_size}"
+                f"fewer than one global batch of {world} x batch_size={batch_size}"
             )
         self._next = (0, 0)  # (epoch, index) of the next batch the consumer receives
         self._generation = 0  # bumped when the position jumps: running prefetchers are stale
@@ -207,9 +219,10 @@ class PackedLoader:
             raise ValueError(
                 f"batch (epoch={epoch}, index={index}) is outside [0, {self.batches_per_epoch})"
             )
-        B = self.batch_size
-        windows = self._order(self.seed, epoch)[index * B : (index + 1) * B]
-        seen = (epoch * self.batches_per_epoch + index + 1) * B * self.seq_len
+        G, B = self.global_batch, self.batch_size
+        first = index * G + self.rank * B  # this rank's rows of the global batch
+        windows = self._order(self.seed, epoch)[first : first + B]
+        seen = (epoch * self.batches_per_epoch + index + 1) * G * self.seq_len  # every rank's
         starts = windows * self.seq_len
         return make_batch(self.tokens, starts, self.seq_len, self.hasher, (epoch, index, seen))
 
@@ -265,7 +278,8 @@ class PackedLoader:
 
     # ---- resume --------------------------------------------------------------------------------
     def state_dict(self, after: Batch | None = None) -> dict[str, Any]:
-        """JSON-able position of the next batch to be consumed, with the loader's geometry.
+        """JSON-able position of the next batch to be consumed, with the loader's geometry
+        (`batch_size` is the global batch: the same state serves every world size).
 
         `after`: the position right after that batch instead, for a consumer that reads ahead
         (the trainer's table prefetch holds batches the model has not trained on yet).
@@ -277,7 +291,7 @@ class PackedLoader:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
+            "batch_size": self.global_batch,
             "n_windows": self.n_windows,
         }
 
