@@ -11,7 +11,7 @@ import pytest
 
 from engram.data import stdlib_files
 from engram.spec import HashSpec, resolve
-from engram.tokenizer import Tokenizer, load_tokenizer
+from engram.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from engram.vocab import CompressedVocab, compress
 
 
@@ -49,3 +49,10 @@ def stdlib_corpus(tmp_path_factory) -> Callable[[int], Path]:
         return made[n]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_tok() -> Tokenizer:
+    """A 300-id BPE of a few lines of code: models build in milliseconds."""
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\n"] * 40
+    return train_bpe(texts, vocab_size=300)

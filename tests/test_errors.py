@@ -182,6 +182,13 @@ def test_training_into_a_folder_holding_a_run(capsys, trained, tmp_path):
     assert not (run / "metrics.jsonl").read_text().startswith(metrics)  # one run's metrics
 
 
+def test_training_under_torchrun_is_refused_until_it_is_distributed(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["train", "--recipe", TINY, *FAST, f"out_dir={tmp_path / 'run'}"]
+    user_error(capsys, argv, "WORLD_SIZE=2", "one process")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_eval_on_an_unknown_device(capsys, trained, tmp_path):
     run, _ = copy_run(trained, tmp_path)
     capsys.readouterr()

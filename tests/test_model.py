@@ -14,17 +14,10 @@ from engram.model.hyper import HyperConnection, sinkhorn
 from engram.model.moe import MoE
 from engram.optim import Optimizers
 from engram.spec import resolve
-from engram.tokenizer import train_bpe
 from engram.vocab import compress
 
 # The OverEncoding baseline: the tiny preset's own tables, added to the input embedding.
 OVERENCODING = replace(model_preset("tiny").engram, site="input")
-
-
-@pytest.fixture(scope="module")
-def small_tok():
-    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\n"] * 40
-    return train_bpe(texts, vocab_size=300)
 
 
 def build(tok, **changes):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -68,6 +69,7 @@ class Run:
 
     def __init__(self, config: TrainConfig, resume: bool = False, overwrite: bool = False) -> None:
         config.validate()
+        _single_process()
         self.config, self.dir = config, writable_dir(config.out_dir)
         self.device = pick_device(config.device)
         _claim(self.dir, resume, overwrite)
@@ -310,6 +312,17 @@ def _progress(run: Run) -> tqdm:
         dynamic_ncols=True,
         mininterval=2.0,  # keeps logs of non-interactive runs short
     )
+
+
+def _single_process() -> None:
+    """Refuse a launch of several processes (torchrun): each would train the whole model on the
+    same data and write the same run folder."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ValueError(
+            f"WORLD_SIZE={world}: engram train runs as one process for now; launch it without "
+            "torchrun (N copies would each train the whole model into the same run folder)"
+        )
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tables", "tensorboard")
