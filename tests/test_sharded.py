@@ -4,6 +4,8 @@ against a lookup of the whole table in one process (gloo on the CPU, 2 and 3 ran
 from __future__ import annotations
 
 import socket
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from engram.module import HashedMemory, lazy_tables
 from engram.rowinit import RowInit
 from engram.tables.base import ALL, TableLayout
 from engram.tables.lookup import global_ids, lookup
+from engram.tables.placed import PlacedTables
+from engram.tables.plan import TablePlan
 from engram.tables.row_optim import RowAdam
-from engram.tables.sharded import RowShards, sharded_lookup
+from engram.tables.sharded import RowShards, ShardGroup, sharded_lookup
 from engram.tables.stores import HostStore
 
 INIT = RowInit(seed=3, table_id=1, std=1.0)
@@ -60,8 +65,13 @@ def _requests(world: int, empty: int | None, seed: int = 0) -> list[torch.Tensor
 
 
 def _worker(rank: int, world: int, port: int, check, *args) -> None:
+    # A collective that never completes fails after a minute instead of hanging the suite.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
     )
     try:
         check(rank, world, *args)
@@ -137,3 +147,66 @@ def _check_training(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_row_adam_on_shards_trains_like_one_table(world):
     _spawn(world, _check_training)
+
+
+# ---- placed tables, sharded ----------------------------------------------------------------
+PLANS = {
+    "device": TablePlan(),  # an embedding alone; sharded, a device row store with RowAdam
+    "host": TablePlan(placement="host"),
+    "disk+cache": TablePlan(placement="disk", cache_rows=512),
+}
+
+
+def _check_placed(rank: int, world: int, spec, placement: str, folder: Path) -> None:
+    """A memory whose table is sharded over the ranks, each reading its own batch, against one
+    process holding the whole table and reading every batch: the same outputs, and after two
+    steps the same rows and state; then each rank's shard round-trips through a checkpoint."""
+    memories = []
+    for _ in range(2):
+        torch.manual_seed(0)  # both draw the same table seed: the same initial rows
+        with lazy_tables():
+            memories.append(HashedMemory(spec, 0, 1.0))
+    memory, whole_memory = memories
+    sharding = ShardGroup(rank, world, grad_scale=1 / world)
+    tables = PlacedTables([memory], PLANS[placement], folder / "live", sharding=sharding)
+    whole = PlacedTables([whole_memory], TablePlan(placement="host"), folder / f"whole{rank}")
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        requests = [
+            torch.stack(
+                [torch.randint(0, p, (2, 6), generator=gen) for p in spec.layer_primes(0)], -1
+            )
+            for _ in range(world)
+        ]
+        weights = [torch.randn(2, 6, spec.d_mem, generator=gen) for _ in range(world)]
+        out = memory.lookup(requests[rank])
+        (out * weights[rank]).mean().backward()  # each rank: the mean over its own batch
+        tables.step(1e-2)
+        want = whole_memory.lookup(torch.cat(requests))
+        (want * torch.cat(weights)).mean().backward()  # one process: the global batch's mean
+        whole.step(1e-2)
+        assert torch.equal(out.detach(), want.detach()[2 * rank : 2 * rank + 2])
+    shard = tables.tables["layer0"].store
+    shards = RowShards(spec.layer_rows(0), world)
+    local = torch.arange(shards.size(rank))
+    mine = whole.tables["layer0"].store.read(shards.start(rank) + local, ALL)
+    torch.testing.assert_close(shard.read(local, ALL), mine, rtol=0, atol=1e-6)
+
+    saved = tables.write(folder / "ckpt")  # every rank into one folder, named by rank
+    assert list(saved["entries"]) == [f"layer0.rank{rank}-of-{world}"]
+    before = shard.read(local, ALL).clone()
+    memory.lookup(requests[rank]).sum().backward()
+    tables.step(1e-2)
+    tables.restore(folder / "ckpt", saved)
+    assert torch.equal(shard.read(local, ALL), before)
+    tables.close()
+    whole.close()
+
+
+@pytest.mark.parametrize(
+    "world, placement", [(2, "device"), (2, "host"), (2, "disk+cache"), (3, "host")]
+)
+def test_placed_tables_sharded_over_ranks_train_like_one_table(
+    tiny_spec, tmp_path, world, placement
+):
+    _spawn(world, _check_placed, tiny_spec, placement, tmp_path)

@@ -48,12 +48,14 @@ from torch.utils.hooks import RemovableHandle
 
 from engram.files import remove_later, sweep_trash
 from engram.module import HashedMemory
+from engram.rowinit import RowInit
 from engram.tables.base import RowStore, TableLayout, check_layout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import Fetched, Lookup, fetch, finish, global_ids, lookup
 from engram.tables.packed import PackedStore, is_packed
 from engram.tables.plan import TablePlacement, TablePlan
 from engram.tables.row_optim import RowOptimizer, make_row_optimizer
+from engram.tables.sharded import RowShards, ShardGroup, sharded_lookup
 from engram.tables.stores import DeviceStore, DiskStore, HostStore
 
 if TYPE_CHECKING:
@@ -81,11 +83,14 @@ class PlacedTable:
     optimizer: RowOptimizer
     pending: list[Lookup] = field(default_factory=list)
     inflight: Future | None = None  # fetch ahead: this forward's rows, read (a `Fetched`)
+    sharding: ShardGroup | None = None  # the store holds this rank's range of the rows only
+    shards: RowShards | None = None
 
     @property
     def prefetches(self) -> bool:
-        """Whether rows are pinned ahead of use (a cache in front, and the plan asks for it)."""
-        return isinstance(self.store, CachedStore) and self.entry.prefetch
+        """Whether rows are pinned ahead of use (a cache in front, and the plan asks for it).
+        A shard cannot pin ahead: which of its rows a batch needs arrives with the exchange."""
+        return isinstance(self.store, CachedStore) and self.entry.prefetch and not self.shards
 
     def unique_ids(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
         """The sorted global ids [U] this table reads for a forward's `rows` (all layers)."""
@@ -94,7 +99,10 @@ class PlacedTable:
     def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The row source installed in the module: e [B, T, D] for rows [B, T, H]."""
         fetched = self.settle()
-        if fetched is None:
+        if self.shards is not None:  # the rows come from their owners (a collective)
+            group = self.sharding.group
+            looked = sharded_lookup(self.store, rows, offsets, self.shards, rows.device, group)
+        elif fetched is None:
             looked = lookup(self.store, rows, offsets, device=rows.device)
         elif fetched.inverse.shape != rows.shape:  # the hook always sees this forward's rows
             raise RuntimeError(
@@ -119,6 +127,8 @@ class PlacedTable:
         if not grads:  # nothing reached the table (as SparseAdam skips a parameter without grad)
             return
         rows, grad = grads[0] if len(grads) == 1 else _merge(grads)
+        if self.sharding is not None and self.sharding.grad_scale != 1.0:
+            grad = grad * self.sharding.grad_scale
         self.optimizer.step(self.store, rows, grad, lr)
 
 
@@ -148,11 +158,12 @@ class PlacedTables:
         betas: tuple[float, float] = (0.9, 0.999),
         fresh: bool = True,
         read_only: bool = False,
+        sharding: ShardGroup | None = None,
     ) -> None:
         plan.validate()
         plan.check_layers([m.layer_id for m in memories])
         self.plan, self.folder, self.device = plan, Path(folder), torch.device(device)
-        self.read_only = read_only
+        self.read_only, self.sharding = read_only, sharding
         self.in_place: set[str] = set()  # tables read from `folder` where they lie
         self.tables: dict[str, PlacedTable] = {}
         self._pins: ThreadPoolExecutor | None = None  # pins the next batch's rows
@@ -162,7 +173,7 @@ class PlacedTables:
         try:
             for memory in memories:
                 entry = plan.for_layer(memory.layer_id)
-                if entry.embedded:
+                if entry.embedded and sharding is None:  # a shard is always a row store
                     if memory.table is not None and memory.table.weight.is_meta:
                         memory.materialize_table()
                     continue
@@ -174,36 +185,45 @@ class PlacedTables:
     def _place(
         self, memory: HashedMemory, entry: TablePlacement, betas: tuple, fresh: bool
     ) -> None:
-        name = table_name(memory.layer_id)
+        name = self.file_name(table_name(memory.layer_id))
         kind = entry.optimizer
         optimizer = make_row_optimizer(kind, **({"betas": betas} if kind == "adam" else {}))
-        layout = optimizer.layout(memory.spec.layer_rows(memory.layer_id), memory.spec.row_dim)
-        store = self._store(name, entry, layout, memory, fresh)
+        num_rows, start, shards = memory.spec.layer_rows(memory.layer_id), 0, None
+        if self.sharding is not None:  # this rank's contiguous range of the rows
+            shards = RowShards(num_rows, self.sharding.world)
+            start, num_rows = shards.start(self.sharding.rank), shards.size(self.sharding.rank)
+        layout = optimizer.layout(num_rows, memory.spec.row_dim)
+        store = self._store(name, entry, layout, memory.init.shard(start), fresh)
         if entry.cache_rows:
             store = CachedStore(store, capacity=min(entry.cache_rows, layout.num_rows))
         if memory.table is not None and not memory.table.weight.is_meta:
             # A model built with its table (e.g. a trained one being converted): keep its rows.
             every = torch.arange(layout.num_rows, dtype=torch.int64)
-            store.write(every, memory.table.weight.detach().float().cpu())
-        table = PlacedTable(memory, entry, store, optimizer)
+            store.write(every, memory.table.weight.detach()[start : start + num_rows].float().cpu())
+        table = PlacedTable(memory, entry, store, optimizer, sharding=self.sharding, shards=shards)
         memory.use_row_source(table)
-        self.tables[name] = table
+        self.tables[table_name(memory.layer_id)] = table
+
+    def file_name(self, name: str) -> str:
+        """How table `name` is named in files and checkpoints: a shard adds its rank and world,
+        so the shards of all ranks share a folder and a mismatched world size is refused."""
+        return name if self.sharding is None else f"{name}.{self.sharding.suffix()}"
 
     def _store(
         self,
         name: str,
         entry: TablePlacement,
         layout: TableLayout,
-        memory: HashedMemory,
+        init: RowInit,
         fresh: bool,
     ) -> RowStore:
         if entry.placement == "device":
-            return DeviceStore(layout, memory.init, self.device)
+            return DeviceStore(layout, init, self.device)
         if entry.placement == "host":
-            return HostStore(layout, memory.init)
+            return HostStore(layout, init)
         if self.read_only:  # the checkpoint's own file: nothing copied, nothing written
             self.in_place.add(name)
-            return self._open(self.folder / f"{name}.table", name, layout, memory, True)
+            return self._open(self.folder / f"{name}.table", name, layout, init, True)
         folder = self.folder
         if entry.path:  # a shared fast drive: one subfolder per run, so runs never collide
             key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
@@ -211,14 +231,14 @@ class PlacedTables:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
         if path.exists() and not fresh:  # resumed: the checkpoint's rows are restored into it
-            return self._open(path, name, layout, memory, False)
+            return self._open(path, name, layout, init, False)
         sweep_trash(folder)
         remove_later(path)  # the live copy of an earlier run: checkpoints hold theirs
-        return DiskStore.create(path, layout, memory.init)
+        return DiskStore.create(path, layout, init)
 
     @staticmethod
     def _open(
-        path: Path, name: str, layout: TableLayout, memory: HashedMemory, read_only: bool
+        path: Path, name: str, layout: TableLayout, init: RowInit, read_only: bool
     ) -> RowStore:
         if not path.is_file():
             raise ValueError(f"{path} is missing: no file for the {name} disk table")
@@ -226,7 +246,7 @@ class PlacedTables:
             store: RowStore = PackedStore(path)
         else:  # a live table (resume), or a checkpoint from before packing
             store = DiskStore(path, read_only=read_only)
-        if store.layout != layout or store.init != memory.init:
+        if store.layout != layout or store.init != init:
             store.close()
             raise ValueError(f"{path} does not hold this model's {name} table")
         return store
@@ -295,8 +315,8 @@ class PlacedTables:
             )
 
     def _fetches_ahead(self, table: PlacedTable, training: bool) -> bool:
-        if table.memory.row_source is not table:  # replaced (e.g. by quantised rows)
-            return False
+        if table.memory.row_source is not table or table.shards is not None:
+            return False  # replaced (e.g. by quantised rows), or read by a collective
         off_device = table.store.device != self.device
         return table.entry.prefetch and (off_device or (table.prefetches and not training))
 
@@ -333,13 +353,15 @@ class PlacedTables:
 
     # ---- checkpoints, statistics ---------------------------------------------------------------
     def stores(self) -> dict[str, RowStore]:
-        return {name: t.store for name, t in self.tables.items()}
+        """Every table's store, by its file name (`file_name`)."""
+        return {self.file_name(name): t.store for name, t in self.tables.items()}
 
     def write(self, folder: Path) -> dict[str, Any]:
-        """Save every table into `folder` (inside a checkpoint being written); manifest entry."""
+        """Save every table into `folder` (inside a checkpoint being written); manifest entry.
+        Shards are named by rank, so every rank writes its own into one folder."""
         folder.mkdir(parents=True, exist_ok=True)
         entries = write_tables(folder, self.stores())
-        states = {name: t.optimizer.state_dict() for name, t in self.tables.items()}
+        states = {self.file_name(n): t.optimizer.state_dict() for n, t in self.tables.items()}
         return {"entries": entries, "optimizers": states}
 
     def restore(self, folder: Path, manifest: dict[str, Any]) -> None:
@@ -349,7 +371,7 @@ class PlacedTables:
         stores = {n: s for n, s in self.stores().items() if n not in self.in_place}
         restore_tables(folder, stores, manifest["entries"])
         for name, table in self.tables.items():
-            table.optimizer.load_state_dict(manifest["optimizers"][name])
+            table.optimizer.load_state_dict(manifest["optimizers"][self.file_name(name)])
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {name: t.store.stats.as_dict() for name, t in self.tables.items()}

@@ -76,6 +76,29 @@ class RowShards:
         return torch.where(ids < edge, ids // (base + 1), long + (ids - edge) // base)
 
 
+@dataclass(frozen=True)
+class ShardGroup:
+    """The ranks a table is sharded over: this process's `rank` of `world`, and their group.
+
+    `grad_scale` multiplies the row gradients an owner receives before its optimiser steps: with
+    each rank's loss a mean over its own batch, 1/world makes the step the one a single process
+    takes on the global batch (the dense part's all-reduce averages the same way).
+    """
+
+    rank: int
+    world: int
+    group: dist.ProcessGroup | None = None  # None: the default group
+    grad_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"rank={self.rank} must be in [0, world={self.world})")
+
+    def suffix(self) -> str:
+        """What names this rank's shard in file and checkpoint names."""
+        return f"rank{self.rank}-of-{self.world}"
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward sends each gradient back where its row came from."""
 
