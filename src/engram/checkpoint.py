@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from engram.files import fsync_dir, fsync_file, remove_later, sweep_trash
@@ -215,9 +216,6 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> dict[str, Any]:
     """Load weights (and optimiser states) into already-built objects; returns the manifest."""
-    # Imported here: this function's body is all that this change may touch in the module.
-    from safetensors import SafetensorError
-
     manifest = read_manifest(path)
     ckpt = Path(manifest["path"])
     # Only the errors a damaged or foreign file causes are the user's; anything else is a bug.

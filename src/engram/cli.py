@@ -142,7 +142,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engram.train import train
 
     config = train_config(args.recipe, args.overrides)
-    check_writable(config.out_dir)  # before the tokenizer and data are built
     summary = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}))
 

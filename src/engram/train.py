@@ -105,6 +105,7 @@ class Run:
             seed=config.seed,
         )
         self.step, self.tokens_seen, self.curve = 0, 0, []
+        self.saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
         self.last_batch = None  # the last batch trained on: the loader may have read ahead
         self.grad_norm, self.routing = 0.0, {}
         self.tensorboard = _tensorboard_writer(self.dir)
@@ -153,14 +154,14 @@ class Run:
         set_rng_state(manifest["rng"])
         self.step, self.tokens_seen = manifest["step"], manifest["tokens_seen"]
         self.curve = [tuple(p) for p in manifest["curve"]]
+        self.saved = (self.step, Path(manifest["path"]))
 
     def save(self) -> Path:
         """Checkpoint the run now (a resumed run that had already finished has nothing new)."""
-        latest = read_manifest(self.dir) if _has_checkpoint(self.dir) else None
-        if latest is not None and latest["step"] == self.step:
-            return Path(latest["path"])
+        if self.saved is not None and self.saved[0] == self.step:
+            return self.saved[1]
         attachments = {"tables": self.tables.write} if self.tables else None
-        return save_checkpoint(
+        path = save_checkpoint(
             self.dir / "checkpoints",
             self.step,
             self.model,
@@ -168,6 +169,8 @@ class Run:
             self._manifest(),
             attachments=attachments,
         )
+        self.saved = (self.step, path)
+        return path
 
     def table_stats(self) -> dict[str, float]:
         """Hit rates and bytes moved of the placed tables since the last call (for the log)."""

@@ -15,7 +15,7 @@ import argparse
 import json
 import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -224,19 +224,28 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def train_arms(
-    study: Study, arms: dict[str, ModelConfig], out: Path, **changes: Any
-) -> dict[str, dict[str, Any]]:
-    """Train every arm for every seed (seed-major, so seed 0 of all arms finishes first);
-    `changes` replace fields of the study's template (e.g. steps=budget)."""
+def train_runs(
+    study: Study, arms: dict[str, ModelConfig], seed_dir: Callable[[int], Path], **changes: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Train every arm for every seed (seed-major, so seed 0 of all arms finishes first) into
+    `seed_dir(seed) / arm`; each arm's runs in seed order. `changes` replace fields of the
+    study's template (e.g. steps=budget)."""
     study.validate_training()
     check_template(replace(study.train, **changes))
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for seed in study.seeds:
         for name, model in arms.items():
             print(f"\n== arm {name} (seed {seed}) ==", flush=True)
-            config = study.arm(model, seed, out / f"seed-{seed}" / name, **changes)
+            config = study.arm(model, seed, seed_dir(seed) / name, **changes)
             runs[name].append(train_arm(config, study.reuse))
+    return runs
+
+
+def train_arms(
+    study: Study, arms: dict[str, ModelConfig], out: Path, **changes: Any
+) -> dict[str, dict[str, Any]]:
+    """`train_runs` into `out/seed-N/arm`, each arm aggregated over its seeds."""
+    runs = train_runs(study, arms, lambda seed: out / f"seed-{seed}", **changes)
     return {name: aggregate(r) for name, r in runs.items()}
 
 
@@ -251,4 +260,5 @@ __all__ = [
     "tokens_per_arm",
     "train_arm",
     "train_arms",
+    "train_runs",
 ]

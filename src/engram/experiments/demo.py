@@ -18,7 +18,7 @@ from typing import Any
 
 from engram.assembly import get_tokenizer
 from engram.config import TrainConfig
-from engram.experiments.arms import STUDY_TRAIN, Study, aggregate, train_arm
+from engram.experiments.arms import STUDY_TRAIN, Study, aggregate, train_runs
 from engram.experiments.report import machine_info, markdown_table, plot_curves, write_json
 from engram.model import ModelConfig, model_preset
 from engram.model.planner import format_plan, plan_from_moe
@@ -91,14 +91,8 @@ def train_demo_arms(
     demo: DemoConfig, arms: dict[str, ModelConfig]
 ) -> tuple[dict[str, dict], list[dict[str, dict]]]:
     """Every arm for every seed (one seed: directly under out_dir); aggregated, and per seed."""
-    demo.validate_training()
     out = Path(demo.out_dir)
-    runs: dict[str, list[dict]] = {name: [] for name in arms}
-    for seed in demo.seeds:
-        seed_dir = out / f"seed-{seed}" if len(demo.seeds) > 1 else out
-        for name, model in arms.items():
-            print(f"\n== arm {name} (seed {seed}) ==", flush=True)
-            runs[name].append(train_arm(demo.arm(model, seed, seed_dir / name), demo.reuse))
+    runs = train_runs(demo, arms, lambda seed: out / f"seed-{seed}" if len(demo.seeds) > 1 else out)
     aggregated = {
         name: {k: v for k, v in aggregate(r).items() if k not in PER_SEED_ONLY}
         for name, r in runs.items()
