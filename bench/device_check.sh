@@ -26,3 +26,5 @@ timeout 240 python3 bench/train_throughput.py --batch 64 --seq 512 \
 echo "== table placement on CUDA: host rows copied on a side stream, disk behind a cache"
 timeout 300 python3 bench/table_placement.py --device cuda --steps 30 --warmup 5 \
   --decode-tokens 100 --out /tmp/bench-placement --json "$OUT/table_placement_cuda.json" | tail -5
+echo "== distributed: the NCCL path with one rank, sharded lookup against unsharded"
+timeout 180 python3 bench/distributed.py --cuda --out "$OUT/distributed_cuda.json" | tail -2

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.experiments.report import cpu_name
+from engram.experiments.report import cpu_name, cpu_seconds, other_cpu_share
 from engram.hashing import NgramHasher
 from engram.spec import HashSpec, resolve
 from engram.tokenizer import load_tokenizer
@@ -162,27 +162,6 @@ def git_commit() -> tuple[str, bool | None]:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "-uno"))
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
-
-
-def cpu_seconds() -> tuple[float, float, float] | None:
-    """(busy CPU seconds of the whole machine, all CPU seconds, this process's CPU seconds)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-        user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields)
-        tick = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):
-        return None
-    total = user + nice + system + idle + iowait + irq + softirq + steal
-    own = os.times()
-    return (total - idle - iowait) / tick, total / tick, own.user + own.system
-
-
-def other_cpu_share(start: tuple | None, end: tuple | None) -> float | None:
-    """Share of the machine's CPU time that other processes (or the hypervisor) took meanwhile."""
-    if start is None or end is None or end[1] <= start[1]:
-        return None
-    busy, total, own = (e - s for s, e in zip(start, end, strict=True))
-    return round(min(1.0, max(0.0, (busy - own) / total)), 3)
 
 
 def load_average() -> list[float] | None:

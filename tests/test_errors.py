@@ -182,10 +182,18 @@ def test_training_into_a_folder_holding_a_run(capsys, trained, tmp_path):
     assert not (run / "metrics.jsonl").read_text().startswith(metrics)  # one run's metrics
 
 
-def test_training_under_torchrun_is_refused_until_it_is_distributed(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "3"}, "RANK=3 must be in"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+    ],
+)
+def test_a_broken_torchrun_environment(capsys, tmp_path, monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     argv = ["train", "--recipe", TINY, *FAST, f"out_dir={tmp_path / 'run'}"]
-    user_error(capsys, argv, "WORLD_SIZE=2", "one process")
+    user_error(capsys, argv, message)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

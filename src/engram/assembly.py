@@ -24,6 +24,7 @@ the same next-token predictions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -36,9 +37,11 @@ from engram.config import TrainConfig
 from engram.data import documents, eval_batches, source_fingerprint
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, ModelConfig
+from engram.parallel import World, sum_over_ranks
 from engram.spec import HashSpec, resolve
 from engram.tables.placed import PlacedTables
 from engram.tables.plan import TablePlan
+from engram.tables.sharded import ShardGroup
 from engram.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from engram.vocab import cache_dir, compress
 
@@ -87,11 +90,15 @@ def place_tables(
     plan: TablePlan | None = None,
     fresh: bool = True,
     read_only: bool = False,
+    sharding: ShardGroup | None = None,
+    stores: Collection[str] = (),
 ) -> PlacedTables:
     """Apply a run's table plan (default `config.tables`) to `model`, built under `lazy_tables()`:
     embedded tables are allocated in the model, the others in row stores with row optimisers
     (betas from `config.optim`); disk tables live in `folder`. `fresh`: a disk table starts anew
-    rather than reusing a live file; `read_only`: `folder` is a checkpoint's, served in place."""
+    rather than reusing a live file; `read_only`: `folder` is a checkpoint's, served in place;
+    `sharding`: this rank keeps only its range of every table's rows (`engram.tables.sharded`);
+    `stores`: tables kept in row stores even where the plan embeds them."""
     return PlacedTables(
         model.engram_layers,
         config.tables if plan is None else plan,
@@ -100,6 +107,8 @@ def place_tables(
         betas=(config.optim.beta1, config.optim.beta2),
         fresh=fresh,
         read_only=read_only,
+        sharding=sharding,
+        stores=stores,
     )
 
 
@@ -148,20 +157,57 @@ def to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 # ---- how it scores -----------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
-    model: EngramLM, tokens, config: TrainConfig, device: torch.device, engram_off: bool = False
+    model: EngramLM,
+    tokens,
+    config: TrainConfig,
+    device: torch.device,
+    engram_off: bool = False,
+    world: World | None = None,
 ) -> float:
-    """Mean cross-entropy (nats/token) over the first `eval_tokens` validation tokens."""
+    """Mean cross-entropy (nats/token) over the first `eval_tokens` validation tokens.
+
+    With several ranks (`world`), every rank scores its slice of each batch and the sums are
+    added up: the same windows as one process, and every rank runs the same number of forwards
+    (a rank whose slice of the last, short batch is empty scores one ignored row), as the
+    collectives of a sharded model and its tables need.
+    """
+    world = world or World()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in eval_batches(
         tokens, config.seq_len, config.batch_size, model.hasher, max_tokens=config.eval_tokens
     ):
-        ids, targets, rows = to_device(batch, device)
+        ids, targets, rows = to_device(_rank_rows(batch, world), device)
         with autocast_for(device, config.precision):
             logits = model(ids, rows=rows, engram_off=engram_off)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         total += float(loss)
-        count += targets.numel()
+        count += int((targets != IGNORE).sum())
     model.train(was_training)
+    total, count = sum_over_ranks([total, count], world, device)
     return total / count
+
+
+IGNORE = -100  # cross_entropy's ignore_index
+
+
+def _rank_rows(batch: Any, world: World) -> Any:
+    """This rank's contiguous rows of `batch` (all of them in one process)."""
+    if not world.distributed:
+        return batch
+    n = batch.ids.shape[0]
+    lo, hi = world.rank * n // world.size, (world.rank + 1) * n // world.size
+    if hi == lo:  # nothing left for this rank: one row, scored by no one
+        part = replace(batch, ids=batch.ids[:1], targets=torch.full_like(batch.targets[:1], IGNORE))
+        return replace(part, rows=_slice_rows(batch.rows, 0, 1))
+    return replace(
+        batch,
+        ids=batch.ids[lo:hi],
+        targets=batch.targets[lo:hi],
+        rows=_slice_rows(batch.rows, lo, hi),
+    )
+
+
+def _slice_rows(rows: dict | None, lo: int, hi: int) -> dict | None:
+    return None if rows is None else {k: v[lo:hi] for k, v in rows.items()}

@@ -10,6 +10,13 @@ A checkpoint is a folder `step-XXXXXXX/` holding
 and is first written to a temporary folder, fsynced, then renamed (`commit`): a crash mid-write
 leaves the previous checkpoint as `latest`. Never pickle. Table files inside a checkpoint are
 written by `engram.tables.placed.write_tables`; this is the only module that commits checkpoints.
+
+A run of several ranks (`engram.parallel`) writes one checkpoint together: rank 0 makes the
+temporary folder and tells the others its name; the dense state is gathered whole (a backbone
+FSDP shards is assembled tensor by tensor) and written by rank 0 in the one-process format, so
+it loads at any world size; every rank writes its own table shards into the same folder and
+sends rank 0 its manifest entries; rank 0 commits only once it holds every rank's entries. A
+checkpoint some rank never finished is never renamed, so it is never taken as complete.
 """
 
 from __future__ import annotations
@@ -17,18 +24,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import _remove_duplicate_names, load_file, load_model, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from engram.files import fsync_dir, fsync_file, remove_later, sweep_trash
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A tensor on the CPU, whole: a DTensor (FSDP's shard) is gathered, a collective that
+    every rank calls in the same order."""
+    if isinstance(value, DTensor):  # may view a larger gathered buffer: own its storage
+        value = value.full_tensor().clone()
+    return value.detach().cpu().contiguous()
 
 
 def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -38,23 +55,49 @@ def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dic
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}.{index}.{key}"] = _whole(value)
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     prefix = f"{name}."
     for key, value in tensors.items():
         if key.startswith(prefix):
             index, field = key[len(prefix) :].split(".", 1)
+            param = params[int(index)] if int(index) < len(params) else None
+            if isinstance(param, DTensor) and value.shape == param.shape:
+                # A whole tensor from the file, cut to this rank's shard (no communication).
+                value = distribute_tensor(
+                    value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+                )
             state.setdefault(int(index), {})[field] = value
     for key, value in meta["scalars"].items():
         index, field = key.split(".", 1)
         state.setdefault(int(index), {})[field] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_model(model: torch.nn.Module, path: Path, main: bool) -> None:
+    """`safetensors.torch.save_model`'s file from whole tensors (each gathered if sharded):
+    the same bytes at any world size. Tied weights are stored once, as save_model does."""
+    whole: dict[int, torch.Tensor] = {}  # tied names share one gathered tensor
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in whole:
+            whole[id(value)] = _whole(value)
+        state[key] = whole[id(value)]
+    if not main:
+        return
+    metadata = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata[name] = kept
+            del state[name]
+    save_file(state, str(path), metadata=metadata or None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,28 +121,78 @@ def save_checkpoint(
     manifest: dict[str, Any],
     keep: int = 2,
     attachments: Mapping[str, Callable[[Path], Any]] | None = None,
+    distributed: bool = False,
 ) -> Path:
     """Write `root/step-XXXXXXX` atomically and durably (`commit`); keep the newest `keep`.
 
     Each attachment `name: write` is called with the folder `<checkpoint>/name` (not yet
     created) while the checkpoint is still temporary; what it returns goes into the manifest
     under `name`, so the attached files are committed by the same rename as the weights.
+    `distributed`: every rank of the default process group calls this together (see the module
+    docstring); each rank's attachments write into the same folders, and their manifest entries
+    (dicts of dicts) are merged, key by key, on rank 0. Returns the committed folder.
     """
+    rank = dist.get_rank() if distributed else 0
 
     def write(tmp: Path) -> dict[str, Any]:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_model(model, tmp / "model.safetensors", rank == 0)
         tensors, meta = {}, {}
         for name, opt in optimizers.items():
             t, m = _optimizer_tensors(name, opt)
             tensors.update(t)
             meta[name] = m
-        save_file(tensors, str(tmp / "optim.safetensors"))
-        for file in ("model.safetensors", "optim.safetensors"):
-            fsync_file(tmp / file)
+        if rank == 0:
+            save_file(tensors, str(tmp / "optim.safetensors"))
+            for file in ("model.safetensors", "optim.safetensors"):
+                fsync_file(tmp / file)
         attached = {name: write(tmp / name) for name, write in (attachments or {}).items()}
         return {"optimizers": meta, "rng": rng_state(), **manifest, **attached}
 
-    return commit(root, step, write, keep)
+    if not distributed:
+        return commit(root, step, write, keep)
+    return _commit_together(Path(root), step, write, keep, rank, set(attachments or ()))
+
+
+def _commit_together(
+    root: Path,
+    step: int,
+    write: Callable[[Path], dict[str, Any]],
+    keep: int,
+    rank: int,
+    attached: set[str],
+) -> Path:
+    """`commit` by every rank: rank 0 makes the folder and commits once all ranks have written."""
+    box: list[Any] = [_begin(root, step, keep) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    try:
+        manifest = write(tmp)
+        parts: list[Any] = [None] * dist.get_world_size() if rank == 0 else []
+        dist.gather_object(manifest, parts if rank == 0 else None, dst=0)
+        if rank == 0:
+            for sub in tmp.iterdir():  # the ranks' attachment files are all in place now
+                if sub.is_dir():
+                    fsync_dir(sub)
+            final = _finish(root, step, tmp, _merge_ranks(parts, attached), keep)
+    except BaseException:
+        if rank == 0:
+            remove_later(tmp)
+        raise
+    box = [str(final) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # no rank goes on before the commit
+    return Path(box[0])
+
+
+def _merge_ranks(parts: list[dict[str, Any]], attached: set[str]) -> dict[str, Any]:
+    """Rank 0's manifest, with each attachment's per-rank entries merged: an attachment returns
+    dicts of dicts keyed by file name (distinct across ranks), merged key by key."""
+    merged = dict(parts[0])
+    for name in attached:
+        merged[name] = {
+            key: {k: v for part in parts for k, v in part[name][key].items()}
+            for key in parts[0][name]
+        }
+    return merged
 
 
 def commit(
@@ -116,9 +209,20 @@ def commit(
         4. `latest` is written to a temporary file, fsynced, renamed over `latest`, `root` fsynced
         5. older checkpoints beyond `keep` are removed in the background (never `latest`)
     """
+    root = Path(root)
+    tmp = _begin(root, step, keep)
+    try:
+        manifest = write(tmp)
+    except BaseException:
+        remove_later(tmp)
+        raise
+    return _finish(root, step, tmp, manifest, keep)
+
+
+def _begin(root: Path, step: int, keep: int = 2) -> Path:
+    """Steps 0-1 of `commit`: check, sweep what a crash left, and make the temporary folder."""
     if step < 0 or keep < 1:
         raise ValueError(f"step={step} must be >= 0 and keep={keep} >= 1")
-    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     sweep_trash(root)
     for stale in root.glob(".tmp-*"):  # folders a crash left mid-write: never committed
@@ -126,10 +230,14 @@ def commit(
     final = root / f"step-{step:07d}"
     if final.exists() and _latest_name(root) == final.name:
         raise ValueError(f"{final} is the latest checkpoint; save a later step")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    return Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+
+
+def _finish(root: Path, step: int, tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
+    """Steps 2-5 of `commit`, once `tmp` holds every file."""
+    final = root / f"step-{step:07d}"
     try:
-        manifest = {"format_version": CHECKPOINT_FORMAT, "step": step, **write(tmp)}
-        _write_manifest(tmp, manifest)
+        _write_manifest(tmp, {"format_version": CHECKPOINT_FORMAT, "step": step, **manifest})
         fsync_dir(tmp)
         if final.exists():  # committed by a run that crashed before moving `latest`
             remove_later(final)
@@ -214,8 +322,11 @@ def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    elsewhere: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Load weights (and optimiser states) into already-built objects; returns the manifest."""
+    """Load weights (and optimiser states) into already-built objects; returns the manifest.
+    `elsewhere`: names in the file this model holds elsewhere (e.g. a table it keeps in a row
+    store, read by `embedded_rows`), not to be loaded into it."""
     manifest = read_manifest(path)
     ckpt = Path(manifest["path"])
     # Only the errors a damaged or foreign file causes are the user's; anything else is a bug.
@@ -226,18 +337,59 @@ def load_checkpoint(
     except RuntimeError as e:  # torch's size mismatches, one line per tensor
         shapes = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ValueError(f"checkpoint {ckpt} does not fit this model: {shapes}") from e
+    unexpected = [name for name in unexpected if name not in elsewhere]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     if optimizers:
-        try:
-            tensors = load_file(str(ckpt / "optim.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint {ckpt}: optim.safetensors is unreadable: {e}") from e
-        for name, opt in optimizers.items():
-            if name not in manifest["optimizers"]:
-                raise ValueError(f"checkpoint {ckpt} has no state for optimiser {name!r}")
-            _restore_optimizer(name, opt, tensors, manifest["optimizers"][name])
+        load_optimizers(manifest, optimizers)
     return manifest
+
+
+def load_optimizers(manifest: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Load the optimiser states of the checkpoint `manifest` (from `read_manifest`) into
+    already-built optimisers; a parameter FSDP shards takes this rank's part of its state."""
+    ckpt = Path(manifest["path"])
+    try:
+        tensors = load_file(str(ckpt / "optim.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {ckpt}: optim.safetensors is unreadable: {e}") from e
+    for name, opt in optimizers.items():
+        if name not in manifest["optimizers"]:
+            raise ValueError(f"checkpoint {ckpt} has no state for optimiser {name!r}")
+        _restore_optimizer(name, opt, tensors, manifest["optimizers"][name])
+
+
+def saved_weights(path: str | Path) -> set[str]:
+    """The names of the tensors in a checkpoint's model.safetensors."""
+    ckpt = find_checkpoint(path)
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {ckpt}: model.safetensors is unreadable: {e}") from e
+
+
+def embedded_rows(
+    manifest: dict[str, Any], weight: str, index: int, start: int, stop: int
+) -> tuple[list[torch.Tensor], int]:
+    """Rows [start, stop) of a table the checkpoint holds in its model as `weight` (an
+    nn.Embedding trained by the "tables" optimiser, SparseAdam, as its parameter `index`):
+    ([value, exp_avg, exp_avg_sq], each [stop - start, r], and SparseAdam's step count), read
+    as slices, so a rank reads only its own range. Adam's state is zero before its first step."""
+    ckpt = Path(manifest["path"])
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        value = f.get_slice(weight)[start:stop]
+    state = manifest["optimizers"].get("tables", {}).get("scalars", {})
+    step = state.get(f"{index}.step", 0)
+    parts = [value]
+    with safe_open(str(ckpt / "optim.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        for field in ("exp_avg", "exp_avg_sq"):
+            key = f"tables.{index}.{field}"
+            parts.append(f.get_slice(key)[start:stop] if key in names else torch.zeros_like(value))
+        if f"tables.{index}.step" in names:
+            step = f.get_tensor(f"tables.{index}.step").item()
+    return parts, int(step)

@@ -143,7 +143,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = train_config(args.recipe, args.overrides)
     summary = train(config, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}))
+    if summary["rank"] == 0:  # under torchrun, one summary for the job
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("curve", "rank")}))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

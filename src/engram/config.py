@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.model import ModelConfig, model_preset
+from engram.parallel import ParallelConfig
 from engram.tables.plan import TablePlan
 
 
@@ -58,10 +59,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     tables: TablePlan = field(default_factory=TablePlan)  # where each Engram table lives
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # under torchrun only
     tokenizer: str = "bpe:2048"  # "bpe:N" trains a byte-level BPE on the train split
     data: str = "default"
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: split over the ranks of a torchrun launch
     steps: int = 100
     eval_every: int = 50
     eval_tokens: int = 32768  # validation tokens, the same for every model
@@ -86,6 +88,7 @@ class TrainConfig:
         self.model.validate()
         self.optim.validate()
         self.tables.validate()
+        self.parallel.validate()
 
 
 # ---- configs to and from plain data ----------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from engram.config import OptimConfig
 from engram.model.lm import EngramLM
@@ -110,7 +111,9 @@ class Optimizers:
         """Clip the backbone gradients, step every optimiser, clear the gradients; returns norm."""
         norm = 0.0
         if self.config.grad_clip > 0:
-            norm = float(nn.utils.clip_grad_norm_(self.backbone_params, self.config.grad_clip))
+            total = nn.utils.clip_grad_norm_(self.backbone_params, self.config.grad_clip)
+            # FSDP's gradients are shards (DTensors): their norm is assembled over the ranks.
+            norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
         for opt in self.all():
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -5,13 +5,18 @@ then runs warm-up + decay, gradient clipping, periodic validation on the same to
 model, JSONL metrics, a progress bar (loss, tokens/s, ETA) and atomic checkpoints. With
 `resume=True` it continues from the run's latest checkpoint exactly where it stopped: same
 weights, optimiser moments, balancing biases, RNG and data position.
+
+Launched by torchrun, the same code runs on every rank (`engram.parallel`): each rank trains on
+its slice of every global batch (`batch_size` is the global batch), the backbone is made
+data-parallel from the config's plan (`parallel.dense`), each table is sharded by rows over the
+ranks, and rank 0 alone logs, shows progress and writes the run's files; checkpoints are
+written by all ranks together and resume at any world size.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,10 +37,13 @@ from engram.assembly import (
     to_device,
 )
 from engram.checkpoint import (
+    embedded_rows,
     find_checkpoint,
     load_checkpoint,
+    load_optimizers,
     read_manifest,
     save_checkpoint,
+    saved_weights,
     set_rng_state,
 )
 from engram.config import TrainConfig, to_dict
@@ -43,6 +51,19 @@ from engram.data import Batch, PackedLoader, build_shard
 from engram.files import writable_dir
 from engram.module import lazy_tables
 from engram.optim import Optimizers, lr_factor
+from engram.parallel import (
+    World,
+    check_optimizer,
+    close_world,
+    init_world,
+    mean_over_ranks,
+    parallelize,
+    sum_expert_loads,
+    table_group,
+)
+from engram.tables.placed import table_name
+from engram.tables.reshard import saved_entries
+from engram.tables.sharded import TRAFFIC, ShardGroup
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -69,28 +90,53 @@ class Run:
 
     def __init__(self, config: TrainConfig, resume: bool = False, overwrite: bool = False) -> None:
         config.validate()
-        _single_process()
         self.config, self.dir = config, writable_dir(config.out_dir)
-        self.device = pick_device(config.device)
-        _claim(self.dir, resume, overwrite)
+        self.world, self.device = init_world(pick_device(config.device), config.parallel)
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            close_world(self.world)
+            raise
+
+    def _build(self, resume: bool, overwrite: bool) -> None:
+        config, world = self.config, self.world
+        local_batch = _local_batch(config, world)
+        if world.main:
+            _claim(self.dir, resume, overwrite)
         torch.manual_seed(config.seed)
-        tok = get_tokenizer(config.tokenizer, config.data)
-        tok.save(self.dir / "tokenizer.json")
+        with world.main_first():  # rank 0 trains (and caches) a BPE; the others read it
+            tok = get_tokenizer(config.tokenizer, config.data)
+        if world.main:
+            tok.save(self.dir / "tokenizer.json")
         self.tokenizer = tok
         # The spec names the run's own tokenizer file relative to the run folder, so a run can
         # be moved or copied and still resume (its fingerprint is what identifies it).
         with lazy_tables():  # the plan decides where each table is allocated
             self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
+        manifest = self._compatible_checkpoint() if resume else None
         # A live disk table is reused only to be overwritten by a checkpoint's: without one (a
-        # run that died before its first save), the table starts fresh.
-        fresh = not (resume and _has_checkpoint(self.dir))
+        # run that died before its first save), the table starts fresh. A table the checkpoint
+        # saved from a row store (e.g. sharded by another world size) stays in one.
         self.tables = place_tables(
-            self.model, config, self.dir / "tables", self.device, fresh=fresh
+            self.model,
+            config,
+            self.dir / "tables",
+            self.device,
+            fresh=manifest is None,
+            sharding=self._sharding(),
+            stores=saved_entries((manifest or {}).get("tables")),
         )
         self.model.to(self.device)
+        self.unembedded: dict[str, tuple[str, int]] = {}
+        if manifest is not None:  # whole weights, before the plan shards them
+            self.unembedded = self._embedded_in(manifest)
+            elsewhere = {weight for weight, _ in self.unembedded.values()}
+            load_checkpoint(manifest["path"], self.model, elsewhere=elsewhere)
+        self.trainer = parallelize(self.model, world, config.parallel)  # what the step calls
         self.optim = Optimizers(self.model, config.optim)
-        self.train_tokens = build_shard(config.data, "train", tok).tokens
-        self.val_tokens = build_shard(config.data, "val", tok).tokens
+        with world.main_first():  # rank 0 tokenizes (and caches) the shards
+            self.train_tokens = build_shard(config.data, "train", tok).tokens
+            self.val_tokens = build_shard(config.data, "val", tok).tokens
         if len(self.val_tokens) < config.seq_len + 1:  # fail now, not at the first evaluation
             raise ValueError(
                 f"the validation split of {config.data!r} has "
@@ -100,18 +146,31 @@ class Run:
         self.loader = PackedLoader(
             self.train_tokens,
             config.seq_len,
-            config.batch_size,
+            local_batch,
             self.model.hasher,
             seed=config.seed,
+            rank=world.rank,
+            world=world.size,
         )
         self.step, self.tokens_seen, self.curve = 0, 0, []
         self.saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
         self.last_batch = None  # the last batch trained on: the loader may have read ahead
         self.grad_norm, self.routing = 0.0, {}
-        self.tensorboard = _tensorboard_writer(self.dir)
-        if resume:
-            self._resume()
-        self._write_run_files()
+        self.tensorboard = _tensorboard_writer(self.dir) if world.main else None
+        if manifest is not None:
+            self._resume(manifest)
+        if world.main:
+            self._write_run_files()
+
+    def _sharding(self) -> ShardGroup | None:
+        """With several ranks, every table is split by rows over them (1/world: each rank's loss
+        is a mean over its slice, so the owner's summed row gradients average the ranks')."""
+        world = self.world
+        if not world.distributed:
+            return None
+        check_optimizer(self.config.parallel.dense, self.config.optim.backbone)
+        group = table_group(world, self.device)
+        return ShardGroup(world.rank, world.size, group, grad_scale=1.0 / world.size)
 
     @property
     def label(self) -> str:
@@ -137,19 +196,50 @@ class Run:
             "curve": self.curve,
         }
 
-    def _resume(self) -> None:
+    def _compatible_checkpoint(self) -> dict[str, Any] | None:
+        """The manifest of the checkpoint to resume from (None: nothing saved yet), checked
+        against this run before any weight is touched."""
         if not _has_checkpoint(self.dir):
-            return  # nothing to resume: a fresh run
-        manifest = read_manifest(self.dir)  # check compatibility before touching any weights
+            return None  # nothing to resume: a fresh run
+        manifest = read_manifest(self.dir)
         if manifest["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
             raise ValueError("the checkpoint was trained with another tokenizer")
         if self.spec is not None and manifest["spec"] != self.spec.to_dict():
             raise ValueError("the checkpoint's hash spec differs from this run's")
         if manifest["config"]["model"] != to_dict(self.model.config):
             raise ValueError("the checkpoint's model config differs from this run's")
-        load_checkpoint(manifest["path"], self.model, self.optim.named)
-        if self.tables:
-            self.tables.restore(Path(manifest["path"]) / "tables", manifest["tables"])
+        return manifest
+
+    def _embedded_in(self, manifest: dict[str, Any]) -> dict[str, tuple[str, int]]:
+        """The tables the checkpoint holds inside its model (embeddings, trained by SparseAdam)
+        that this run holds in row stores (e.g. shards): name -> (weight name, SparseAdam index,
+        which counts the checkpoint's embedded tables in the model's order)."""
+        weights, found, index = saved_weights(manifest["path"]), {}, 0
+        module_names = {id(m): name for name, m in self.model.named_modules()}
+        for memory in self.model.engram_layers:
+            weight = f"{module_names[id(memory)]}.table.weight"
+            if weight not in weights:
+                continue
+            name = table_name(memory.layer_id)
+            if name in self.tables.tables:
+                found[name] = (weight, index)
+            index += 1
+        return found
+
+    def _resume(self, manifest: dict[str, Any]) -> None:
+        """Everything but the weights (loaded before the plan was applied)."""
+        optimizers = dict(self.optim.named)
+        if self.unembedded and "tables" not in optimizers:  # SparseAdam's state goes to stores
+            manifest = {**manifest, "optimizers": dict(manifest["optimizers"])}
+            manifest["optimizers"].pop("tables", None)
+        load_optimizers(manifest, optimizers)
+        for name, (weight, index) in self.unembedded.items():
+            self.tables.restore_rows(
+                name, lambda lo, hi, w=weight, i=index: embedded_rows(manifest, w, i, lo, hi)
+            )
+        held = [name for name in self.tables.tables if name not in self.unembedded]
+        if held:
+            self.tables.restore(Path(manifest["path"]) / "tables", manifest["tables"], held)
         self.loader.load_state_dict(manifest["loader"])
         set_rng_state(manifest["rng"])
         self.step, self.tokens_seen = manifest["step"], manifest["tokens_seen"]
@@ -168,6 +258,7 @@ class Run:
             self.optim.named,
             self._manifest(),
             attachments=attachments,
+            distributed=self.world.distributed,
         )
         self.saved = (self.step, path)
         return path
@@ -179,11 +270,15 @@ class Run:
             keys = ("bytes_read", "bytes_written") + (("hit_rate",) if stats["misses"] else ())
             out.update({f"{name}_{key}": stats[key] for key in keys})
         self.tables.reset_stats()
+        if self.world.distributed:  # rank 0's shards, and what its row exchange moved
+            out.update(exchanged_sent=TRAFFIC.sent, exchanged_received=TRAFFIC.received)
+            TRAFFIC.reset()
         return out
 
     def close(self) -> None:
         self.loader.close()
         self.tables.close()
+        close_world(self.world)
 
     def train_step(self, batch: Batch) -> float:
         """One optimiser step on `batch`, whose rows the caller has pinned (`pin_ahead`)."""
@@ -192,17 +287,21 @@ class Run:
         # Tables off the compute device start reading (and copying) this forward's rows now.
         self.tables.fetch(batch.rows)
         with autocast_for(self.device, self.config.precision):
-            _, loss = self.model(ids, rows=rows, targets=targets)  # [B, T, V] logits, mean CE
-        loss.backward()
+            _, loss = self.trainer(ids, rows=rows, targets=targets)  # [B, T, V] logits, mean CE
+        loss.backward()  # with several ranks: the backbone's gradients averaged over them
+        sum_expert_loads(self.model, self.world)  # the global batch's expert loads, every rank
         self.grad_norm = self.optim.step()  # the backbone (clipped) and embedded tables
         self.tables.step(self.optim.table_lr)  # placed tables: only the rows this batch read
         self.routing = self.model.update_route_biases()  # worst layer's max/min expert load
         self.step += 1
-        self.tokens_seen += ids.numel()
+        self.tokens_seen += ids.numel() * self.world.size
         self.last_batch = batch
         return float(loss.detach())
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
+        record = {**record, "world_size": self.world.size}
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -211,8 +310,9 @@ class Run:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def log_train(self, losses: list[float], tokens_per_s: float) -> float:
-        """Log the mean training loss since the last log, with rate, norm, routing and tables."""
-        loss = sum(losses) / len(losses)
+        """Log the mean training loss since the last log, with rate, norm, routing and tables.
+        With several ranks: the mean over ranks (of equal slices), the global batch's loss."""
+        loss = sum(mean_over_ranks(losses, self.world, self.device)) / len(losses)
         self.log(
             {
                 "step": self.step,
@@ -233,7 +333,7 @@ class Run:
 
     def evaluate_val(self) -> float:
         """Validation loss of the model now; a subclass may evaluate differently."""
-        return evaluate(self.model, self.val_tokens, self.config, self.device)
+        return evaluate(self.model, self.val_tokens, self.config, self.device, world=self.world)
 
     def validate_now(self) -> float:
         val = self.evaluate_val()
@@ -287,6 +387,7 @@ def train(
         done = run.curve and run.curve[-1][0] == run.tokens_seen
         val = run.curve[-1][1] if done else run.validate_now()
         run.save()
+        run.world.barrier()  # no rank tears its connections down while another still uses them
     finally:
         if ahead is not None and ahead.exception() is None:  # pinned, never trained: release
             run.tables.release(ahead.result()[1])
@@ -301,6 +402,8 @@ def train(
         "tokens_per_s": (run.tokens_seen - start_tokens) / elapsed if elapsed > 0 else 0.0,
         # The thread count changes float reduction order, hence the last bits of every loss.
         "torch_threads": torch.get_num_threads(),
+        "world_size": run.world.size,
+        "rank": run.world.rank,
         "curve": [list(p) for p in run.curve],
     }
 
@@ -309,7 +412,7 @@ def _progress(run: Run) -> tqdm:
     return tqdm(
         total=run.config.steps,
         initial=run.step,
-        disable=not run.config.progress,
+        disable=not (run.config.progress and run.world.main),
         file=sys.stderr,
         desc=run.label,
         dynamic_ncols=True,
@@ -317,15 +420,14 @@ def _progress(run: Run) -> tqdm:
     )
 
 
-def _single_process() -> None:
-    """Refuse a launch of several processes (torchrun): each would train the whole model on the
-    same data and write the same run folder."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
+def _local_batch(config: TrainConfig, world: World) -> int:
+    """Each rank's share of the global batch."""
+    if config.batch_size % world.size:
         raise ValueError(
-            f"WORLD_SIZE={world}: engram train runs as one process for now; launch it without "
-            "torchrun (N copies would each train the whole model into the same run folder)"
+            f"batch_size={config.batch_size} (the global batch) must be divisible by the "
+            f"{world.size} ranks"
         )
+    return config.batch_size // world.size
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tables", "tensorboard")

@@ -56,6 +56,30 @@ git_commit()  # at import, i.e. when a study process starts
 worktree_dirty()
 
 
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """(busy CPU seconds of the machine, all CPU seconds, this process's and its waited-for
+    children's CPU seconds), for `other_cpu_share`; None where /proc/stat is missing."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields)
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    t = os.times()
+    return (total - idle - iowait) / tick, total / tick, t.user + t.system + t[2] + t[3]
+
+
+def other_cpu_share(start: tuple | None, end: tuple | None = None) -> float | None:
+    """Share of the machine's CPU time between two `cpu_seconds` (end: now) that other
+    processes (or the hypervisor) took: a benchmark on a shared machine says how loaded it was."""
+    end = cpu_seconds() if end is None else end
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    busy, total, own = (e - s for s, e in zip(start, end, strict=True))
+    return round(min(1.0, max(0.0, (busy - own) / total)), 3)
+
+
 def machine_info() -> dict[str, Any]:
     """Where a result was measured: enough to tell two machines (and commits) apart."""
     commit = git_commit()

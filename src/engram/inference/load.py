@@ -6,11 +6,17 @@ tables for inference: the run's `TablePlan`, except that a disk table is the che
 file, mapped read-only where it lies (nothing copied, the run's files never written), and that
 cached or off-device tables fetch each forward's rows ahead. Evaluation, generation, quantisation,
 the Hugging Face export and the studies all start here; nothing here imports the trainer.
+
+A run trained on several ranks saved each table as shards, one file per rank, and loads as one
+model: a disk table reads its shards in place as one table (`engram.tables.reshard`), a host or
+device table is restored from them into one store, and a table the plan embeds in the model
+(which a shard never is) becomes its embedding again once restored.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +29,9 @@ from engram.config import TrainConfig, from_dict
 from engram.model import EngramLM
 from engram.module import lazy_tables
 from engram.spec import HashSpec
-from engram.tables.placed import PlacedTables
-from engram.tables.plan import TablePlan
+from engram.tables.placed import PlacedTables, table_name
+from engram.tables.plan import LayerPlacement, TablePlan
+from engram.tables.reshard import sharded_tables
 from engram.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -68,30 +75,51 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
     if spec is not None and spec.to_dict() != manifest["spec"]:
         raise ValueError("the checkpoint's hash spec does not match what its config derives")
     target = pick_device(device)
-    tables = place_for_inference(model, config, target, ckpt / "tables")
+    tables = place_for_inference(model, config, target, ckpt / "tables", manifest.get("tables"))
     load_checkpoint(ckpt, model)
     if tables:
         if "tables" not in manifest:
             raise ValueError(f"checkpoint {ckpt} has no tables/ for its placed Engram tables")
         tables.restore(ckpt / "tables", manifest["tables"])
+        embedded = [  # a sharded run's tables that the plan keeps in the model
+            name
+            for name, table in tables.tables.items()
+            if config.tables.for_layer(table.memory.layer_id).embedded
+        ]
+        if embedded:
+            tables.embed(embedded)
     model.to(target).eval()
     return Trained(model, tables, tok, spec, config, manifest)
 
 
-def inference_plan(plan: TablePlan) -> TablePlan:
-    """The run's plan with every disk table read from the checkpoint folder itself."""
-    return replace(plan, path="", layers=tuple(replace(e, path="") for e in plan.layers))
+def inference_plan(plan: TablePlan, sharded: Collection[int] = ()) -> TablePlan:
+    """The run's plan with every disk table read from the checkpoint folder itself. The tables of
+    layers `sharded`, saved as shards of row stores, are placed in host memory where the plan
+    embeds them (device, adam), to be restored from their shards before they become embeddings."""
+    stores = tuple(LayerPlacement(layer=i, placement="host") for i in sorted(sharded))
+    stores = tuple(e for e in stores if plan.for_layer(e.layer).embedded)
+    moved = {e.layer for e in stores}
+    layers = tuple(replace(e, path="") for e in plan.layers if e.layer not in moved)
+    return replace(plan, path="", layers=layers + stores)
 
 
 def place_for_inference(
-    model: EngramLM, config: TrainConfig, device: torch.device, folder: Path
+    model: EngramLM,
+    config: TrainConfig,
+    device: torch.device,
+    folder: Path,
+    saved: dict[str, Any] | None = None,
 ) -> PlacedTables:
     """Place `model`'s tables as the run did, for reading: disk tables are the checkpoint's own
     files in `folder`, mapped read-only; cached and off-device tables fetch each forward's rows
-    ahead. The stores close when the model is collected."""
-    if config.tables.all_embedded:
+    ahead. `saved`: the checkpoint manifest's "tables", which say which tables a run on several
+    ranks saved as shards (see the module docstring). The stores close when the model is
+    collected."""
+    names = sharded_tables(saved)
+    sharded = [m.layer_id for m in model.engram_layers if table_name(m.layer_id) in names]
+    plan = inference_plan(config.tables, sharded)
+    if plan.all_embedded:
         return place_tables(model, config, ".", device)
-    plan = inference_plan(config.tables)
     tables = place_tables(model, config, folder, device, plan=plan, read_only=True)
     tables.fetch_ahead(model)  # a forward's rows are read before its layers run
     weakref.finalize(model, tables.close)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +49,14 @@ from torch.utils.hooks import RemovableHandle
 from engram.files import remove_later, sweep_trash
 from engram.module import HashedMemory
 from engram.rowinit import RowInit
-from engram.tables.base import RowStore, TableLayout, check_layout
+from engram.tables.base import ALL, RowStore, TableLayout, check_layout
 from engram.tables.cache import CachedStore
 from engram.tables.lookup import Fetched, Lookup, fetch, finish, global_ids, lookup
 from engram.tables.packed import PackedStore, is_packed
 from engram.tables.plan import TablePlacement, TablePlan
+from engram.tables.reshard import SavedTables, Target, open_joined, part_entry
 from engram.tables.row_optim import RowOptimizer, make_row_optimizer
-from engram.tables.sharded import RowShards, ShardGroup, sharded_lookup
+from engram.tables.sharded import RowShards, ShardGroup, rows_asked, sharded_lookup
 from engram.tables.stores import DeviceStore, DiskStore, HostStore
 
 if TYPE_CHECKING:
@@ -88,13 +89,20 @@ class PlacedTable:
 
     @property
     def prefetches(self) -> bool:
-        """Whether rows are pinned ahead of use (a cache in front, and the plan asks for it).
-        A shard cannot pin ahead: which of its rows a batch needs arrives with the exchange."""
-        return isinstance(self.store, CachedStore) and self.entry.prefetch and not self.shards
+        """Whether rows are pinned ahead of use (a cache in front, and the plan asks for it)."""
+        return isinstance(self.store, CachedStore) and self.entry.prefetch
 
     def unique_ids(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
         """The sorted global ids [U] this table reads for a forward's `rows` (all layers)."""
         return torch.unique(global_ids(rows[self.memory.layer_id].cpu(), self.memory.offsets))
+
+    def rows_to_pin(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The store rows a forward of `rows` will read: for a shard, the local rows every rank
+        asks of it (learnt by a collective, so called on the main thread by every rank)."""
+        ids = self.unique_ids(rows)
+        if self.shards is None:
+            return ids
+        return rows_asked(ids, self.shards, self.sharding.group)
 
     def read(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The row source installed in the module: e [B, T, D] for rows [B, T, H]."""
@@ -132,6 +140,12 @@ class PlacedTable:
         self.optimizer.step(self.store, rows, grad, lr)
 
 
+def _pin(wanted: list[tuple[CachedStore, torch.Tensor]]) -> list[tuple[CachedStore, torch.Tensor]]:
+    for store, ids in wanted:
+        store.pin(ids)
+    return wanted
+
+
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Several lookups of one step (e.g. gradient accumulation): one gradient per unique row."""
     rows = torch.cat([r.cpu() for r, _ in parts])  # fetched ahead (CPU) or not (the ids' device)
@@ -147,6 +161,8 @@ class PlacedTables:
 
     `read_only`: `folder` is a checkpoint's `tables/` (for inference): its disk tables are
     mapped read-only where they lie instead of being copied, and `restore` leaves them be.
+    `stores`: names of tables held in a row store even where the plan embeds them (device,
+    adam), e.g. because the checkpoint being resumed saved them from stores.
     """
 
     def __init__(
@@ -159,6 +175,7 @@ class PlacedTables:
         fresh: bool = True,
         read_only: bool = False,
         sharding: ShardGroup | None = None,
+        stores: Collection[str] = (),
     ) -> None:
         plan.validate()
         plan.check_layers([m.layer_id for m in memories])
@@ -173,7 +190,10 @@ class PlacedTables:
         try:
             for memory in memories:
                 entry = plan.for_layer(memory.layer_id)
-                if entry.embedded and sharding is None:  # a shard is always a row store
+                # A shard is always a row store, and so is a table a checkpoint holds as one
+                # (`stores`): RowAdam on a device store is SparseAdam's arithmetic bit for bit.
+                as_store = sharding is not None or table_name(memory.layer_id) in stores
+                if entry.embedded and not as_store:
                     if memory.table is not None and memory.table.weight.is_meta:
                         memory.materialize_table()
                     continue
@@ -223,7 +243,12 @@ class PlacedTables:
             return HostStore(layout, init)
         if self.read_only:  # the checkpoint's own file: nothing copied, nothing written
             self.in_place.add(name)
-            return self._open(self.folder / f"{name}.table", name, layout, init, True)
+            path = self.folder / f"{name}.table"
+            if not path.exists() and self.sharding is None:  # a sharded run's: its shards as one
+                joined = open_joined(self.folder, name, layout, init)
+                if joined is not None:
+                    return joined
+            return self._open(path, name, layout, init, True)
         folder = self.folder
         if entry.path:  # a shared fast drive: one subfolder per run, so runs never collide
             key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
@@ -267,12 +292,12 @@ class PlacedTables:
     # ---- rows ahead of use: pins for the next batch, fetches for this forward --------------------
     def pin(self, rows: dict[int, torch.Tensor] | None) -> list[tuple[CachedStore, torch.Tensor]]:
         """Pin a batch's rows in every cached, prefetching table; returns what to `release`."""
-        pinned = []
-        for table in self._prefetching() if rows is not None else []:
-            ids = table.unique_ids(rows)
-            table.store.pin(ids)
-            pinned.append((table.store, ids))
-        return pinned
+        return _pin(self._rows_to_pin(rows))
+
+    def _rows_to_pin(self, rows: dict[int, torch.Tensor] | None) -> list[tuple[Any, torch.Tensor]]:
+        if rows is None:
+            return []
+        return [(t.store, t.rows_to_pin(rows)) for t in self._prefetching()]
 
     def _prefetching(self) -> list[PlacedTable]:
         return [t for t in self.tables.values() if t.prefetches]
@@ -280,13 +305,18 @@ class PlacedTables:
     def pin_ahead(self, batch: Any) -> Future:
         """Start pinning `batch`'s rows in a background thread; the future's result is `batch`
         and what to `release` after its step. The trainer pins batch n+1 while step n computes,
-        so a cache holds the rows of at most two batches at once."""
+        so a cache holds the rows of at most two batches at once. A shard first learns which of
+        its rows the ranks' batches n+1 ask for (a collective of ids, here on the main thread);
+        the loads from host or disk run in the thread."""
         if not self._prefetching():
             done: Future = Future()
             done.set_result((batch, []))
             return done
         if self._pins is None:
             self._pins = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-pins")
+        if self.sharding is not None:
+            wanted = self._rows_to_pin(batch.rows)
+            return self._pins.submit(lambda: (batch, _pin(wanted)))
         return self._pins.submit(lambda: (batch, self.pin(batch.rows)))
 
     @staticmethod
@@ -330,26 +360,32 @@ class PlacedTables:
         if self.fetches_ahead(training=False) and self._hook is None:
             self._hook = model.register_rows_hook(lambda rows: self.fetch(rows, training=False))
 
-    def embed(self) -> None:
-        """Hand every placed table back to its module as an nn.Embedding on the compute device
-        (all rows read, a chunk at a time), for exports that keep tables as weights (the HF
-        integration). ValueError if their values exceed the RAM available now."""
-        need = sum(t.store.num_rows * t.store.dim * 4 for t in self.tables.values())
+    def embed(self, names: Collection[str] | None = None) -> None:
+        """Hand every placed table (or those of `names`) back to its module as an nn.Embedding on
+        the compute device (all rows read, a chunk at a time), for exports that keep tables as
+        weights (the HF integration). ValueError if their values exceed the RAM available now."""
+        unknown = sorted(set(names or ()) - set(self.tables))
+        if unknown:
+            raise ValueError(f"no placed tables named {unknown} (there are {sorted(self.tables)})")
+        chosen = [n for n in self.tables if names is None or n in names]
+        need = sum(self.tables[n].store.num_rows * self.tables[n].store.dim * 4 for n in chosen)
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         if need > free:
             raise ValueError(
                 f"the placed tables hold {need / 1e9:.1f} GB of values, more than the "
                 f"{free / 1e9:.1f} GB of free RAM: they cannot become embeddings"
             )
-        self._stop_fetching()  # nothing is left to fetch ahead
-        for table in self.tables.values():
+        if len(chosen) == len(self.tables):
+            self._stop_fetching()  # nothing is left to fetch ahead
+        for name in chosen:
+            table = self.tables.pop(name)
+            table.settle()
             weight = torch.empty(table.store.num_rows, table.store.dim)
             for start in range(0, table.store.num_rows, _EMBED_CHUNK):
                 rows = torch.arange(start, min(start + _EMBED_CHUNK, table.store.num_rows))
                 weight[start : start + rows.numel()] = table.store.read(rows).cpu()
             table.memory.use_table(weight.to(self.device))
             table.store.close()
-        self.tables.clear()
 
     # ---- checkpoints, statistics ---------------------------------------------------------------
     def stores(self) -> dict[str, RowStore]:
@@ -358,20 +394,64 @@ class PlacedTables:
 
     def write(self, folder: Path) -> dict[str, Any]:
         """Save every table into `folder` (inside a checkpoint being written); manifest entry.
-        Shards are named by rank, so every rank writes its own into one folder."""
+        Shards are named by rank, so every rank writes its own into one folder, and each entry
+        names its table and global rows (`engram.tables.reshard`): rank 0 merges them all."""
         folder.mkdir(parents=True, exist_ok=True)
         entries = write_tables(folder, self.stores())
+        rank = self.sharding.rank if self.sharding is not None else 0
+        for name, table in self.tables.items():
+            entries[self.file_name(name)] |= part_entry(name, table.shards, rank)
         states = {self.file_name(n): t.optimizer.state_dict() for n, t in self.tables.items()}
         return {"entries": entries, "optimizers": states}
 
-    def restore(self, folder: Path, manifest: dict[str, Any]) -> None:
-        """Load every table and row-optimiser state from a checkpoint's `folder`."""
+    def restore_rows(
+        self, name: str, read: Callable[[int, int], tuple[list[torch.Tensor], int]]
+    ) -> None:
+        """Fill table `name`'s store from elsewhere than a table file: `read(start, stop)` gives
+        global rows [start, stop) as record parts ([value, exp_avg, exp_avg_sq] for Adam) and
+        the optimiser's step count. How a table a checkpoint holds as an embedding trained by
+        SparseAdam (whose state RowAdam's records hold bit for bit) resumes in a row store."""
+        table = self.tables[name]
+        start = 0 if table.shards is None else table.shards.start(self.sharding.rank)
+        steps = 0
+        for lo in range(0, table.store.num_rows, _EMBED_CHUNK):
+            hi = min(lo + _EMBED_CHUNK, table.store.num_rows)
+            parts, steps = read(start + lo, start + hi)
+            records = torch.cat([p.float() for p in parts], dim=1)
+            if records.shape[1] != table.store.layout.width:
+                raise ValueError(
+                    f"{name}: the saved rows have {records.shape[1]} values per row, a "
+                    f"{table.optimizer.kind} store holds {table.store.layout.width}"
+                )
+            table.store.write(torch.arange(lo, hi), records, ALL)
+        table.optimizer.load_state_dict({**table.optimizer.state_dict(), "steps": steps})
+
+    def restore(
+        self, folder: Path, manifest: dict[str, Any], names: Collection[str] | None = None
+    ) -> None:
+        """Load every table and row-optimiser state from a checkpoint's `folder`, saved sharded
+        over any number of ranks or not at all (`engram.tables.reshard`): each store gets the
+        rows of its own range. The manifest (every rank's part of every table present, the
+        same optimiser state from all) is checked before any store changes."""
         if self.in_place and Path(folder).resolve() != self.folder.resolve():
             raise ValueError(f"tables {sorted(self.in_place)} read {self.folder}, not {folder}")
-        stores = {n: s for n, s in self.stores().items() if n not in self.in_place}
-        restore_tables(folder, stores, manifest["entries"])
-        for name, table in self.tables.items():
-            table.optimizer.load_state_dict(manifest["optimizers"][self.file_name(name)])
+        saved = SavedTables(Path(folder), manifest)
+        chosen = {n: t for n, t in self.tables.items() if names is None or n in names}
+        targets = {name: self._target(name, table) for name, table in chosen.items()}
+        for target in targets.values():
+            saved.check(target)
+        states = {name: saved.optimizer_state(name) for name in targets}
+        for name, table in chosen.items():
+            table.optimizer.load_state_dict(states[name])
+            if targets[name].name not in self.in_place:
+                saved.restore(targets[name])
+
+    def _target(self, name: str, table: PlacedTable) -> Target:
+        """Where table `name`'s saved rows go: its store, holding this rank's range."""
+        if table.shards is None:
+            return Target(name, self.file_name(name), table.store, 0, table.store.num_rows)
+        start = table.shards.start(self.sharding.rank)
+        return Target(name, self.file_name(name), table.store, start, table.shards.num_rows)
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {name: t.store.stats.as_dict() for name, t in self.tables.items()}

@@ -31,6 +31,7 @@ Legend: U unique rows a rank asks for, R rows asked of a rank, V unique rows of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +114,58 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
 
 
+@dataclass
+class Traffic:
+    """Bytes this process sent to and received from other ranks by the row exchange (ids,
+    counts, rows and their gradients; what stays on the rank is not counted)."""
+
+    sent: int = 0
+    received: int = 0
+
+    def reset(self) -> None:
+        self.sent = self.received = 0
+
+
+TRAFFIC = Traffic()  # one process is one rank: its exchanges, for the logs and the benchmark
+
+
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    _count(x, out_splits, in_splits, group)
     return out
+
+
+def _count(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+    me = dist.get_rank(group)
+    item = x.element_size() * math.prod(x.shape[1:])
+    TRAFFIC.sent += item * (sum(in_splits) - in_splits[me])
+    TRAFFIC.received += item * (sum(out_splits) - out_splits[me])
+
+
+def _ask_owners(
+    ids: torch.Tensor, shards: RowShards, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Send sorted unique global `ids` [U] to their owners: (local rows asked of this rank [R],
+    ids sent per rank, ids received per rank). Collective."""
+    world = dist.get_world_size(group)
+    if world != shards.world:
+        raise ValueError(f"the shards are for {shards.world} ranks, the group has {world}")
+    owners = shards.owner(ids)
+    send = torch.bincount(owners, minlength=world)  # ids are sorted, so grouped by owner
+    recv = _exchange(send, [1] * world, [1] * world, group)
+    send_splits, recv_splits = send.tolist(), recv.tolist()
+    starts = torch.tensor([shards.start(r) for r in range(world)], dtype=torch.int64)
+    asked = _exchange(ids - starts[owners], recv_splits, send_splits, group)
+    return asked, send_splits, recv_splits
+
+
+def rows_asked(
+    ids: torch.Tensor, shards: RowShards, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """The sorted unique local rows [V] every rank's sorted unique global `ids` ask of this one:
+    what an owner pins ahead for a batch before its lookup. Collective (ids only, no values)."""
+    return torch.unique(_ask_owners(ids, shards, group)[0])
 
 
 def exchange_rows(
@@ -133,16 +182,7 @@ def exchange_rows(
     a leaf when training, whose `.grad` after backward sums every rank's gradient of each row).
     Collective: every rank of `group` calls it, each with its own ids (possibly none).
     """
-    world = dist.get_world_size(group)
-    if world != shards.world:
-        raise ValueError(f"the shards are for {shards.world} ranks, the group has {world}")
-    owners = shards.owner(ids)
-    send = torch.bincount(owners, minlength=world)  # ids are sorted, so grouped by owner
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    send_splits, recv_splits = send.tolist(), recv.tolist()
-    starts = torch.tensor([shards.start(r) for r in range(world)], dtype=torch.int64)
-    asked = _exchange(ids - starts[owners], recv_splits, send_splits, group)  # [R] local rows
+    asked, send_splits, recv_splits = _ask_owners(ids, shards, group)  # [R] local rows
     served, inverse = torch.unique(asked, sorted=True, return_inverse=True)  # [V], [R]
     values = store.read_to(served, device)  # [V, r], range checked against this rank's shard
     if requires_grad and torch.is_grad_enabled():
