@@ -12,7 +12,9 @@ command (`torchrun --standalone --nproc-per-node N -m engram train ...`), the sa
        old shards, and trains to the end
 
 and the claim is |val(C) - val(A)| <= 1e-4 x val(A): the interruption, the kill and the change of
-world size leave the training as it was, up to float reduction order.
+world size leave the training as it was, up to float reduction order. `--controls` adds two
+launches that tell the two apart: B resumed at its own world size (reduction order unchanged: it
+must reproduce A), and an uninterrupted run at the resumed world size (reduction order alone).
 
 Measured per launch: wall time, tokens/s (rank 0's summary), each rank's peak resident memory
 (VmHWM, and RssAnon / RssFile sampled every second from /proc: file-backed pages of the mapped
@@ -187,7 +189,27 @@ def exchanged(run: Path) -> dict[str, float]:
     return {"bytes_per_step_mean": sum(per) / len(per), "bytes_per_step_max": max(per)}
 
 
-# ---- the three launches --------------------------------------------------------------------------
+def _live_tables(folder: str, names: list[str]) -> list[str]:
+    """What a copy of a run leaves out: its live shard files (a resume rebuilds them from the
+    checkpoint), which are sparse and would be copied whole."""
+    return ["tables"] if "checkpoints" in names else []
+
+
+def controls(args: argparse.Namespace, b_args: list[str]) -> dict[str, Any]:
+    """Two controls that separate a resharding error from float reduction order:
+    `c_same`, B resumed at its own world size (must reproduce A to the last bits), and
+    `a_resume_ranks`, an uninterrupted run at the resumed world size (how far reduction order
+    alone moves the final loss from A)."""
+    same = [a.replace(str(args.folder / "b"), str(args.folder / "b-same")) for a in b_args]
+    print(f"control: --resume at {args.ranks} ranks", flush=True)
+    out = {"c_same": launch(args.ranks, same, args.folder / "c-same.log", None, "--resume")}
+    a2_args, _ = config_args(args, args.folder / "a2")
+    print(f"control: {args.resume_ranks} ranks uninterrupted", flush=True)
+    out["a_resume_ranks"] = launch(args.resume_ranks, a2_args, args.folder / "a2.log")
+    return out
+
+
+# ---- the launches ------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table-gb", type=float, default=64.0, help="all tables, all ranks (1e9 B)")
@@ -202,6 +224,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--folder", type=Path, default=ROOT / "runs" / "bench-sharded-huge-table")
     ap.add_argument("--keep", action="store_true", help="keep the runs' files")
+    ap.add_argument(
+        "--controls",
+        action="store_true",
+        help="B resumed at its own world size, and an uninterrupted run at the resumed one",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.folder.exists():
@@ -227,17 +254,26 @@ def main() -> None:
         print(f"B: {args.ranks} ranks, one killed after the checkpoint at {half}", flush=True)
         record["b"] = launch(args.ranks, b_args, args.folder / "b.log", committed)
         record["b"]["disk"] = disk_usage(args.folder / "b")
+        if args.controls:  # B as it was killed, for a resume at the same world size
+            shutil.copytree(args.folder / "b", args.folder / "b-same", ignore=_live_tables)
         print(f"C: --resume at {args.resume_ranks} ranks", flush=True)
         record["c"] = launch(args.resume_ranks, b_args, args.folder / "c.log", None, "--resume")
         record["c"]["disk"] = disk_usage(args.folder / "b")
         ckpt = args.folder / "b" / "checkpoints" / f"step-{args.steps:07d}"
         record["checkpoint_bytes"] = sum(p.stat().st_blocks * 512 for p in ckpt.rglob("*"))
+        if args.controls:
+            record |= controls(args, b_args)
     finally:
         if not args.keep:
             shutil.rmtree(args.folder, ignore_errors=True)
-    va, vc = record["a"]["summary"]["val_loss"], record["c"]["summary"]["val_loss"]
-    record["val_loss_a"], record["val_loss_c"] = va, vc
-    record["relative_difference"] = abs(vc - va) / va
+    va = record["a"]["summary"]["val_loss"]
+    for arm in ("c", "c_same", "a_resume_ranks"):
+        if arm in record:
+            val = record[arm]["summary"]["val_loss"]
+            record[f"val_loss_{arm}"] = val
+            record[f"relative_difference_{arm}"] = abs(val - va) / va
+    record["val_loss_a"] = va
+    record["relative_difference"] = record["relative_difference_c"]
     record["within_1e-4"] = record["relative_difference"] <= 1e-4
     record["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     mem = read_kv("/proc/meminfo").get("MemTotal", 0)
@@ -246,8 +282,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, record)
     print(
-        f"val A {va:.6f}  C {vc:.6f}  rel {record['relative_difference']:.2e}; peak rank RSS "
-        f"A {record['a']['max_rank_VmHWM'] / 2**20:.0f} MiB",
+        f"val A {va:.6f}  C {record['val_loss_c']:.6f}  "
+        f"rel {record['relative_difference']:.2e}; "
+        f"peak rank RSS A {record['a']['max_rank_VmHWM'] / 2**20:.0f} MiB",
         file=sys.stderr,
     )
     print(json.dumps(record))

@@ -207,6 +207,9 @@ def test_a_killed_rank_ends_the_job_and_resume_at_another_world_size_continues(
     ref_train, ref_val, _ = _losses(one_process)
     assert worlds == {1, 2}
     _close(val[-1:], ref_val[-1:], 1e-4)
+    # The resumed process kept the shards' table in a row store (its plan would embed it):
+    # the run still loads as one model, its table an embedding again.
+    assert all(m.table is not None for m in load_trained(out, device="cpu").model.engram_layers)
 
 
 def test_the_global_batch_must_split_evenly_over_the_ranks(tmp_path):

@@ -31,7 +31,7 @@ from engram.module import lazy_tables
 from engram.spec import HashSpec
 from engram.tables.placed import PlacedTables, table_name
 from engram.tables.plan import LayerPlacement, TablePlan
-from engram.tables.reshard import sharded_tables
+from engram.tables.reshard import saved_entries
 from engram.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -94,8 +94,9 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
 
 def inference_plan(plan: TablePlan, sharded: Collection[int] = ()) -> TablePlan:
     """The run's plan with every disk table read from the checkpoint folder itself. The tables of
-    layers `sharded`, saved as shards of row stores, are placed in host memory where the plan
-    embeds them (device, adam), to be restored from their shards before they become embeddings."""
+    layers `sharded`, saved from row stores (shards, or a resumed run's store), are placed in host
+    memory where the plan embeds them (device, adam), to be restored before they become
+    embeddings."""
     stores = tuple(LayerPlacement(layer=i, placement="host") for i in sorted(sharded))
     stores = tuple(e for e in stores if plan.for_layer(e.layer).embedded)
     moved = {e.layer for e in stores}
@@ -112,10 +113,10 @@ def place_for_inference(
 ) -> PlacedTables:
     """Place `model`'s tables as the run did, for reading: disk tables are the checkpoint's own
     files in `folder`, mapped read-only; cached and off-device tables fetch each forward's rows
-    ahead. `saved`: the checkpoint manifest's "tables", which say which tables a run on several
-    ranks saved as shards (see the module docstring). The stores close when the model is
-    collected."""
-    names = sharded_tables(saved)
+    ahead. `saved`: the checkpoint manifest's "tables", which say which tables the run saved from
+    row stores (e.g. shards of several ranks; see the module docstring). The stores close when
+    the model is collected."""
+    names = saved_entries(saved)  # held in stores, e.g. sharded, though the plan may embed them
     sharded = [m.layer_id for m in model.engram_layers if table_name(m.layer_id) in names]
     plan = inference_plan(config.tables, sharded)
     if plan.all_embedded:

@@ -72,12 +72,6 @@ def saved_entries(saved: Mapping[str, Any] | None) -> set[str]:
     return {e.get("table", k) for k, e in entries.items()}
 
 
-def sharded_tables(saved: Mapping[str, Any] | None) -> set[str]:
-    """The tables a checkpoint's manifest ("tables") holds as shards of several ranks' stores."""
-    entries = (saved or {}).get("entries", {})
-    return {e.get("table", k) for k, e in entries.items() if "shard" in e}
-
-
 @dataclass(frozen=True)
 class SavedPart:
     """One saved file of a table: rows [start, start + rows) of its `table_rows`."""
