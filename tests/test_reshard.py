@@ -299,3 +299,23 @@ def test_engram_eval_reads_a_sharded_run(stdlib_corpus, tmp_path, capsys):
     _shard_run(out, world=3)
     assert main(["eval", "--ckpt", str(out), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_loss"] == want
+
+
+def test_live_shards_of_another_world_size_are_removed(tiny_spec, tmp_path):
+    """A run resumed at a new world size drops the old world's live disk files (their rows came
+    back from the checkpoint), and never a current rank's."""
+    old = _ranks(tiny_spec, PLANS["disk"], tmp_path, 4) + _ranks(
+        tiny_spec, PLANS["disk"], tmp_path, None
+    )
+    for tables in old:
+        tables.close()
+    new = _ranks(tiny_spec, PLANS["disk"], tmp_path, 2)
+    names = {p.name for p in tmp_path.glob("*.table")}
+    assert len(names) == 4 + 1 + 2
+    removed = new[0].remove_stale()
+    assert {p.name for p in removed} == names - {f"layer0.rank{r}-of-2.table" for r in range(2)}
+    assert {p.name for p in tmp_path.glob("layer0*.table")} == {  # (trash is hidden)
+        f"layer0.rank{r}-of-2.table" for r in range(2)
+    }
+    for tables in new:
+        tables.close()

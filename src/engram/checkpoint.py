@@ -12,11 +12,12 @@ leaves the previous checkpoint as `latest`. Never pickle. Table files inside a c
 written by `engram.tables.placed.write_tables`; this is the only module that commits checkpoints.
 
 A run of several ranks (`engram.parallel`) writes one checkpoint together: rank 0 makes the
-temporary folder and tells the others its name; the dense state is gathered whole (a backbone
-FSDP shards is assembled tensor by tensor) and written by rank 0 in the one-process format, so
-it loads at any world size; every rank writes its own table shards into the same folder and
-sends rank 0 its manifest entries; rank 0 commits only once it holds every rank's entries. A
-checkpoint some rank never finished is never renamed, so it is never taken as complete.
+temporary folder and tells the others its name; the dense state is gathered whole through
+torch.distributed.checkpoint's state dicts (FSDP's shards assembled) and written by rank 0 in
+the one-process format, so it loads at any world size; every rank writes its own table shards
+into the same folder and sends rank 0 its manifest entries; rank 0 commits only once it holds
+every rank's entries. A checkpoint some rank never finished is never renamed, so it is never
+taken as complete.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import _remove_duplicate_names, load_file, load_model, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from engram.files import fsync_dir, fsync_file, remove_later, sweep_trash
@@ -40,25 +46,41 @@ CHECKPOINT_FORMAT = 1
 LATEST = "latest"
 
 
-def _whole(value: torch.Tensor) -> torch.Tensor:
-    """A tensor on the CPU, whole: a DTensor (FSDP's shard) is gathered, a collective that
-    every rank calls in the same order."""
-    if isinstance(value, DTensor):  # may view a larger gathered buffer: own its storage
-        value = value.full_tensor().clone()
-    return value.detach().cpu().contiguous()
+# Several ranks: torch.distributed.checkpoint's whole state dicts, gathered on rank 0's CPU.
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Split an optimiser state dict into tensors (for safetensors) and JSON-able scalars."""
-    state = opt.state_dict()
+def _optimizer_tensors(
+    name: str, opt: torch.optim.Optimizer, model: torch.nn.Module, distributed: bool
+) -> tuple[dict, dict]:
+    """Split an optimiser state dict into tensors (for safetensors) and JSON-able scalars, keyed
+    by parameter index as `opt.state_dict()` numbers them. Several ranks: the state dict comes
+    whole (FSDP's shards gathered) from torch.distributed.checkpoint, keyed by parameter name,
+    and is renumbered, so the file is the one a single process writes (empty on ranks > 0)."""
+    if distributed:
+        state = _indexed(get_optimizer_state_dict(model, opt, options=_WHOLE))
+    else:
+        state = opt.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{name}.{index}.{key}"] = _whole(value)
+            if isinstance(value, torch.Tensor):  # (a gathered one may view a larger buffer)
+                value = value.detach().cpu().contiguous()
+                tensors[f"{name}.{index}.{key}"] = value.clone() if distributed else value
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _indexed(state: dict[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimiser state dict (torch.distributed.checkpoint's) keyed by parameter
+    index instead: params are numbered through the groups in order, as Optimizer.state_dict."""
+    if not state:  # ranks other than 0
+        return {"state": {}, "param_groups": []}
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
 
 
 def _restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
@@ -81,17 +103,21 @@ def _restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, met
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _save_model(model: torch.nn.Module, path: Path, main: bool) -> None:
-    """`safetensors.torch.save_model`'s file from whole tensors (each gathered if sharded):
-    the same bytes at any world size. Tied weights are stored once, as save_model does."""
-    whole: dict[int, torch.Tensor] = {}  # tied names share one gathered tensor
-    state = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) not in whole:
-            whole[id(value)] = _whole(value)
-        state[key] = whole[id(value)]
+def _save_model(model: torch.nn.Module, path: Path, distributed: bool, main: bool) -> None:
+    """`safetensors.torch.save_model`'s file, at any world size: several ranks gather the whole
+    state dict through torch.distributed.checkpoint (a collective), rank 0 writes it. Tied
+    weights are stored once under the name save_model keeps."""
+    if distributed:  # {} on ranks > 0; a tensor may view a larger gathered buffer: own it
+        state = {k: v.clone() for k, v in get_model_state_dict(model, options=_WHOLE).items()}
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if not main:
         return
+    by_param: dict[int, str] = {}  # tied names: one tensor, so that their storage is shared
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = by_param.setdefault(id(param), name)
+        if first != name and first in state:
+            state[name] = state[first]
     metadata = {}
     for kept, removed in _remove_duplicate_names(state).items():
         for name in removed:
@@ -135,10 +161,10 @@ def save_checkpoint(
     rank = dist.get_rank() if distributed else 0
 
     def write(tmp: Path) -> dict[str, Any]:
-        _save_model(model, tmp / "model.safetensors", rank == 0)
+        _save_model(model, tmp / "model.safetensors", distributed, rank == 0)
         tensors, meta = {}, {}
         for name, opt in optimizers.items():
-            t, m = _optimizer_tensors(name, opt)
+            t, m = _optimizer_tensors(name, opt, model, distributed)
             tensors.update(t)
             meta[name] = m
         if rank == 0:

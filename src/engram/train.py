@@ -159,6 +159,9 @@ class Run:
         self.tensorboard = _tensorboard_writer(self.dir) if world.main else None
         if manifest is not None:
             self._resume(manifest)
+            world.barrier()  # every rank has restored its rows: other worlds' files may go
+            if world.main:
+                self.tables.remove_stale()
         if world.main:
             self._write_run_files()
 

@@ -249,10 +249,7 @@ class PlacedTables:
                 if joined is not None:
                     return joined
             return self._open(path, name, layout, init, True)
-        folder = self.folder
-        if entry.path:  # a shared fast drive: one subfolder per run, so runs never collide
-            key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
-            folder = Path(entry.path) / f"{self.folder.parent.name}-{key}"
+        folder = self.live_folder(entry)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
         if path.exists() and not fresh:  # resumed: the checkpoint's rows are restored into it
@@ -260,6 +257,36 @@ class PlacedTables:
         sweep_trash(folder)
         remove_later(path)  # the live copy of an earlier run: checkpoints hold theirs
         return DiskStore.create(path, layout, init)
+
+    def live_folder(self, entry: TablePlacement) -> Path:
+        """Where a disk table of `entry` lives while it trains."""
+        if not entry.path:
+            return self.folder
+        # A shared fast drive: one subfolder per run, so runs never collide.
+        key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:12]
+        return Path(entry.path) / f"{self.folder.parent.name}-{key}"
+
+    def remove_stale(self) -> list[Path]:
+        """Remove the live disk files of this run's tables under another world size (or unsharded
+        when sharded, and back), e.g. left by the run this one resumed at a new world size: their
+        rows were restored from the checkpoint, and their blocks would stay allocated. Every
+        rank's current files are spared, so one rank may call it once all have restored."""
+        world = self.sharding.world if self.sharding else None
+        removed = []
+        for table in self.tables.values():
+            if table.entry.placement != "disk" or self.read_only:
+                continue
+            folder, name = self.live_folder(table.entry), table_name(table.memory.layer_id)
+            keep = (
+                {f"{name}.table"}
+                if world is None
+                else {f"{name}.rank{r}-of-{world}.table" for r in range(world)}
+            )
+            for path in [folder / f"{name}.table", *folder.glob(f"{name}.rank*-of-*.table")]:
+                if path.name not in keep and path.exists():
+                    remove_later(path)
+                    removed.append(path)
+        return removed
 
     @staticmethod
     def _open(
