@@ -245,3 +245,13 @@ def test_resume_at_other_world_sizes_continues_the_same_training(corpus, one_pro
     two = _rewind(three, tmp_path / "two", 25)
     _run(_engram_train(corpus, two, "--resume", ranks=2))
     _close(_losses(two)[1][-1:], ref_val[-1:], 1e-4)
+
+
+def test_resuming_with_another_spec_is_refused_on_every_rank(corpus, one_process, tmp_path):
+    run = _rewind(one_process, tmp_path / "run", 20)
+    cmd = _engram_train(corpus, run, "model.engram.spec.seed=5", "--resume", ranks=2)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if "engram train: error:" in line]
+    assert len(refusals) == 2 and all("hash spec differs" in line for line in refusals)
+    assert read_manifest(run)["step"] == 20  # nothing written
