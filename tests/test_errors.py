@@ -4,6 +4,7 @@ in our code is a traceback, never dressed as a user error."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from small_runs import BASE
 import engram.cli
 from engram.assembly import pick_device
 from engram.cli import main
+from engram.files import FolderLock
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "recipes" / "tiny.toml")
@@ -180,6 +182,20 @@ def test_training_into_a_folder_holding_a_run(capsys, trained, tmp_path):
     assert (run / "metrics.jsonl").read_text() == metrics
     assert main(["train", "--overwrite", *argv]) == 0
     assert not (run / "metrics.jsonl").read_text().startswith(metrics)  # one run's metrics
+
+
+def test_a_second_trainer_on_a_folder_in_use(capsys, trained, tmp_path):
+    run, argv = copy_run(trained, tmp_path)
+    holder = FolderLock(run)  # as a trainer still running in that folder holds it
+    metrics = (run / "metrics.jsonl").read_text()
+    try:
+        capsys.readouterr()
+        user_error(
+            capsys, ["train", *argv, "--resume"], "in use by another run", f"pid {os.getpid()}"
+        )
+    finally:
+        holder.release()
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing written
 
 
 @pytest.mark.parametrize(

@@ -592,6 +592,8 @@ def test_resume_is_bit_identical_and_crashes_keep_the_last_checkpoint(kind, tmp_
     dead = tmp_path / "ckpt" / ".tmp-killed"  # what a killed process leaves mid-checkpoint
     dead.mkdir()
     (dead / "a.table").write_bytes(b"half a table")
+    unmoved = tmp_path / "ckpt" / ".latest-killed"  # ... or mid-way through moving `latest`
+    unmoved.write_text("step-0000006\n")
 
     stores, opts = _fresh(kind, tmp_path / "resumed")
     manifest = load_tables(tmp_path / "ckpt", stores)
@@ -601,7 +603,7 @@ def test_resume_is_bit_identical_and_crashes_keep_the_last_checkpoint(kind, tmp_
         opt.load_state_dict(manifest["state"][name])
     resumed = _train(stores, opts, range(4, 6))
     save_tables(tmp_path / "ckpt", 6, stores, {})  # replaces the uncommitted step-6 leftover
-    assert not dead.exists()
+    assert not dead.exists() and not unmoved.exists()
     at_6 = _snapshot(stores)
     resumed += _train(stores, opts, range(6, 8))
     assert first + resumed == straight

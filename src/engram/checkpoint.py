@@ -251,7 +251,9 @@ def _begin(root: Path, step: int, keep: int = 2) -> Path:
         raise ValueError(f"step={step} must be >= 0 and keep={keep} >= 1")
     root.mkdir(parents=True, exist_ok=True)
     sweep_trash(root)
-    for stale in root.glob(".tmp-*"):  # folders a crash left mid-write: never committed
+    # What a crash left mid-write (one run writes a folder at a time: `engram.files.FolderLock`):
+    # checkpoint folders never committed, and `latest` files never renamed into place.
+    for stale in [*root.glob(".tmp-*"), *root.glob(".latest-*")]:
         remove_later(stale)
     final = root / f"step-{step:07d}"
     if final.exists() and _latest_name(root) == final.name:

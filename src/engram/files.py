@@ -15,11 +15,14 @@ leftovers the same way, and the places that write tables call it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
+import weakref
 from pathlib import Path
 
 TRASH = ".trash-"
@@ -122,3 +125,38 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FolderLock:
+    """An exclusive claim on a folder for one process's lifetime (`flock` on `folder/.lock`).
+
+    Two trainers writing one run folder would interleave their metrics and overwrite each other's
+    checkpoints; the second is refused instead (ValueError naming the holder). The kernel drops
+    the lock when its holder exits, however it exits, so a killed run never leaves a stale lock
+    to clear by hand.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise ValueError(
+                f"{folder} is in use by another run ({holder}): one run writes a folder at a time"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        # A holder dropped without `release` (a Run never closed) frees the folder when collected.
+        self._closer = weakref.finalize(self, os.close, self._fd)
+
+    def release(self) -> None:
+        """Drop the claim (closing the descriptor drops the lock)."""
+        if self._fd is not None:
+            self._fd = None
+            if hasattr(self, "_closer"):
+                self._closer()

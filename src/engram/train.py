@@ -48,7 +48,7 @@ from engram.checkpoint import (
 )
 from engram.config import TrainConfig, to_dict
 from engram.data import Batch, PackedLoader, build_shard
-from engram.files import writable_dir
+from engram.files import FolderLock, writable_dir
 from engram.module import lazy_tables
 from engram.optim import Optimizers, lr_factor
 from engram.parallel import (
@@ -92,18 +92,43 @@ class Run:
         config.validate()
         self.config, self.dir = config, writable_dir(config.out_dir)
         self.world, self.device = init_world(pick_device(config.device), config.parallel)
+        self.lock: FolderLock | None = None
         try:
             self._build(resume, overwrite)
         except BaseException:
+            if self.lock is not None:
+                self.lock.release()
             close_world(self.world)
             raise
 
     def _build(self, resume: bool, overwrite: bool) -> None:
         config, world = self.config, self.world
         local_batch = _local_batch(config, world)
+        self.lock = FolderLock(self.dir) if world.main else None  # one run per folder
         if world.main:
             _claim(self.dir, resume, overwrite)
         torch.manual_seed(config.seed)
+        manifest = self._build_model(resume)
+        self.trainer = parallelize(self.model, world, config.parallel)  # what the step calls
+        self.optim = Optimizers(self.model, config.optim)
+        self._build_data(local_batch)
+        self.step, self.tokens_seen, self.curve = 0, 0, []
+        self.saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
+        self.last_batch = None  # the last batch trained on: the loader may have read ahead
+        self.grad_norm, self.routing = 0.0, {}
+        self.tensorboard = _tensorboard_writer(self.dir) if world.main else None
+        if manifest is not None:
+            self._resume(manifest)
+            world.barrier()  # every rank has restored its rows: other worlds' files may go
+            if world.main:
+                self.tables.remove_stale()
+        if world.main:
+            self._write_run_files()
+
+    def _build_model(self, resume: bool) -> dict[str, Any] | None:
+        """Tokenizer, model and placed tables, with the checkpoint's weights when resuming (as
+        one process holds them, before a plan shards them); returns that checkpoint's manifest."""
+        config, world = self.config, self.world
         with world.main_first():  # rank 0 trains (and caches) a BPE; the others read it
             tok = get_tokenizer(config.tokenizer, config.data)
         if world.main:
@@ -128,15 +153,18 @@ class Run:
         )
         self.model.to(self.device)
         self.unembedded: dict[str, tuple[str, int]] = {}
-        if manifest is not None:  # whole weights, before the plan shards them
+        if manifest is not None:
             self.unembedded = self._embedded_in(manifest)
             elsewhere = {weight for weight, _ in self.unembedded.values()}
             load_checkpoint(manifest["path"], self.model, elsewhere=elsewhere)
-        self.trainer = parallelize(self.model, world, config.parallel)  # what the step calls
-        self.optim = Optimizers(self.model, config.optim)
+        return manifest
+
+    def _build_data(self, local_batch: int) -> None:
+        """The token shards and this rank's loader (`local_batch` windows of each global batch)."""
+        config, world = self.config, self.world
         with world.main_first():  # rank 0 tokenizes (and caches) the shards
-            self.train_tokens = build_shard(config.data, "train", tok).tokens
-            self.val_tokens = build_shard(config.data, "val", tok).tokens
+            self.train_tokens = build_shard(config.data, "train", self.tokenizer).tokens
+            self.val_tokens = build_shard(config.data, "val", self.tokenizer).tokens
         if len(self.val_tokens) < config.seq_len + 1:  # fail now, not at the first evaluation
             raise ValueError(
                 f"the validation split of {config.data!r} has "
@@ -152,18 +180,6 @@ class Run:
             rank=world.rank,
             world=world.size,
         )
-        self.step, self.tokens_seen, self.curve = 0, 0, []
-        self.saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
-        self.last_batch = None  # the last batch trained on: the loader may have read ahead
-        self.grad_norm, self.routing = 0.0, {}
-        self.tensorboard = _tensorboard_writer(self.dir) if world.main else None
-        if manifest is not None:
-            self._resume(manifest)
-            world.barrier()  # every rank has restored its rows: other worlds' files may go
-            if world.main:
-                self.tables.remove_stale()
-        if world.main:
-            self._write_run_files()
 
     def _sharding(self) -> ShardGroup | None:
         """With several ranks, every table is split by rows over them (1/world: each rank's loss
@@ -281,6 +297,8 @@ class Run:
     def close(self) -> None:
         self.loader.close()
         self.tables.close()
+        if self.lock is not None:
+            self.lock.release()
         close_world(self.world)
 
     def train_step(self, batch: Batch) -> float:
