@@ -149,7 +149,45 @@ def test_resume_from_a_truncated_checkpoint(capsys, trained, tmp_path, name):
     path = step_folder(run) / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     capsys.readouterr()
-    user_error(capsys, ["train", "--resume", *argv], f"{name} is unreadable")
+    user_error(capsys, ["train", "--resume", *argv], f"{name} has", "truncated")
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [[], ["tables.placement=host"], ["tables.placement=disk", "tables.cache_rows=2048"]],
+)
+def test_a_flipped_bit_in_any_checkpoint_file_is_refused(
+    capsys, stdlib_corpus, tmp_path, placement
+):
+    """Every file a checkpoint holds (weights, optimiser state, table files: a packed disk table,
+    an in-memory table's records) is checked against the SHA-256 its manifest recorded."""
+    run = tmp_path / "run"
+    argv = [f"data={stdlib_corpus(80)}", f"out_dir={run}", *BASE, "steps=2", *placement]
+    assert main(["train", *argv]) == 0
+    ckpt = step_folder(run)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert any(p.parent.name == "tables" for p in files) == bool(placement)
+    for path in files:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10  # one bit, in the middle of the file
+        path.write_bytes(bytes(data))
+        rel = path.relative_to(ckpt).as_posix()
+        capsys.readouterr()
+        user_error(capsys, ["eval", "--ckpt", str(run)], f"{rel} is damaged")
+        user_error(capsys, ["train", "--resume", *argv], f"{rel} is damaged")
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+    assert main(["eval", "--ckpt", str(run)]) == 0  # restored: loads again
+
+
+def test_a_manifest_naming_files_outside_its_folder_is_refused(capsys, trained, tmp_path):
+    run, argv = copy_run(trained, tmp_path)
+    manifest = step_folder(run) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["../../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
+    manifest.write_text(json.dumps(data))
+    capsys.readouterr()
+    user_error(capsys, ["train", "--resume", *argv], "outside its folder")
 
 
 def test_manifest_without_tokenizer_fingerprint(capsys, trained, tmp_path):

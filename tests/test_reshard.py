@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from small_runs import small_config
 
-from engram.checkpoint import read_manifest
+from engram.checkpoint import file_digests, read_manifest
 from engram.cli import main
 from engram.inference.load import inference_plan, load_trained
 from engram.module import HashedMemory, lazy_tables
@@ -259,7 +259,8 @@ def _shard_run(out: Path, world: int) -> None:
     (ckpt / "tables.sharded").rename(ckpt / "tables")
     weights = load_file(ckpt / "model.safetensors")
     save_file({k: v for k, v in weights.items() if ".table." not in k}, ckpt / "model.safetensors")
-    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "tables": merged}))
+    files = file_digests(ckpt)  # the rewritten files' digests, as a commit records them
+    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "tables": merged, "files": files}))
 
 
 RUN_PLANS = {

@@ -98,7 +98,7 @@ def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
     ckpt = find_checkpoint(tmp_path / "run")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     assert main(["eval", "--ckpt", str(tmp_path / "run")]) == 2
-    assert "model.safetensors is unreadable" in capsys.readouterr().err
+    assert "model.safetensors has 7 bytes" in capsys.readouterr().err
     (ckpt / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="unreadable manifest"):
         load_trained(tmp_path / "run")

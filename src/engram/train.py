@@ -45,6 +45,7 @@ from engram.checkpoint import (
     save_checkpoint,
     saved_weights,
     set_rng_state,
+    verify_files,
 )
 from engram.config import TrainConfig, to_dict
 from engram.data import Batch, PackedLoader, build_shard
@@ -156,7 +157,7 @@ class Run:
         if manifest is not None:
             self.unembedded = self._embedded_in(manifest)
             elsewhere = {weight for weight, _ in self.unembedded.values()}
-            load_checkpoint(manifest["path"], self.model, elsewhere=elsewhere)
+            load_checkpoint(manifest["path"], self.model, elsewhere=elsewhere, verify=False)
         return manifest
 
     def _build_data(self, local_batch: int) -> None:
@@ -221,6 +222,7 @@ class Run:
         if not _has_checkpoint(self.dir):
             return None  # nothing to resume: a fresh run
         manifest = read_manifest(self.dir)
+        verify_files(manifest)  # every file of it, before any is read
         if manifest["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
             raise ValueError("the checkpoint was trained with another tokenizer")
         if self.spec is not None and manifest["spec"] != self.spec.to_dict():
