@@ -1,0 +1,121 @@
+"""Real faults, injected into real processes: `engram train` SIGKILLed at random moments.
+
+A run with a checkpoint every two steps is killed (SIGKILL: no handler runs, no buffer is
+flushed) at a seeded random moment after it starts training, again and again, each time resumed
+with `--resume`, until one attempt finishes. Kills land mid-step, mid-save, mid table write-back
+and during prefetch. Whatever they interrupt, the finished run must hold the same weights, table
+rows and validation loss, bit for bit, as a run never interrupted on this machine, and no
+uncommitted checkpoint folder or `latest` file may be left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from small_runs import BASE
+
+from engram.checkpoint import read_manifest
+from engram.inference.load import load_trained
+
+STEPS = 16
+KILLS = 3  # attempts killed before one is let finish
+RUN = [*BASE, f"steps={STEPS}", "ckpt_every=2", "log_every=1", f"eval_every={STEPS}"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same sums in every attempt
+PLACEMENTS = {
+    "device": [],
+    "host": ["tables.placement=host"],
+    "disk+cache": ["tables.placement=disk", "tables.cache_rows=2048"],
+}
+
+
+def _command(corpus: Path, out: Path, placement: list[str], resume: bool) -> list[str]:
+    args = [f"data={corpus}", f"out_dir={out}", *RUN, *placement]
+    return [sys.executable, "-m", "engram", "train", *args, *(["--resume"] if resume else [])]
+
+
+def _logged(out: Path) -> int:
+    """Bytes of the run's metrics so far (attempts append to one file)."""
+    metrics = out / "metrics.jsonl"
+    return metrics.stat().st_size if metrics.exists() else 0
+
+
+def _kill_at_random(cmd: list[str], out: Path, rng: random.Random) -> int | None:
+    """Run `cmd`; SIGKILL it a random moment after this attempt logs its first training step
+    (so kills land in the loop, not in start-up). Its exit status, or None when killed."""
+    before = _logged(out)
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while job.poll() is None and _logged(out) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.4))  # a step takes tens of ms: kills land all over
+    if job.poll() is None:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        return None
+    _, err = job.communicate()
+    assert job.returncode == 0, err.decode()[-3000:]
+    return 0
+
+
+def _final(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """(weights, every table's rows, last validation loss) of a finished run."""
+    manifest = read_manifest(out)
+    assert manifest["step"] == STEPS
+    weights = load_file(str(Path(manifest["path"]) / "model.safetensors"))
+    trained = load_trained(out, device="cpu")
+    rows = {}
+    for memory in trained.model.engram_layers:
+        every = torch.arange(memory.spec.layer_rows(memory.layer_id))
+        embedded = memory.table is not None
+        table = memory.table.weight.detach() if embedded else memory.row_source.store.read(every)
+        rows[f"layer{memory.layer_id}"] = table.clone()
+    trained.tables.close()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return weights, rows, [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+
+@pytest.fixture(scope="module")
+def corpus(stdlib_corpus) -> Path:
+    return stdlib_corpus(80)
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_killed_at_random_and_resumed_trains_bit_for_bit(corpus, tmp_path, placement):
+    straight = tmp_path / "straight"
+    done = subprocess.run(_command(corpus, straight, PLACEMENTS[placement], False), env=ENV)
+    assert done.returncode == 0
+    rng = random.Random(f"kill-{placement}")
+    out, kills = tmp_path / "killed", 0
+    for attempt in range(4 * KILLS):
+        if kills == KILLS:
+            break
+        status = _kill_at_random(
+            _command(corpus, out, PLACEMENTS[placement], attempt > 0), out, rng
+        )
+        kills += status is None
+        if status == 0:  # it finished before its kill
+            break
+    assert kills >= 1, "no attempt was interrupted"
+    # Finish the run (resuming a finished run changes nothing).
+    done = subprocess.run(_command(corpus, out, PLACEMENTS[placement], True), env=ENV)
+    assert done.returncode == 0
+    weights, rows, val = _final(out)
+    ref_weights, ref_rows, ref_val = _final(straight)
+    assert val == ref_val
+    assert weights.keys() == ref_weights.keys() and rows.keys() == ref_rows.keys()
+    for name in ref_weights:
+        assert torch.equal(weights[name], ref_weights[name]), name
+    for name in ref_rows:
+        assert torch.equal(rows[name], ref_rows[name]), name
+    leftovers = [*(out / "checkpoints").glob(".tmp-*"), *(out / "checkpoints").glob(".latest-*")]
+    assert not leftovers
