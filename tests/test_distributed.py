@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from small_runs import BASE
+from small_runs import BASE, table_rows
 
 from engram.checkpoint import read_manifest
 from engram.cli import train_config
@@ -109,22 +109,10 @@ def test_one_step_on_ranks_is_one_step_of_one_process(corpus, one_step, tmp_path
     for name in mine:
         torch.testing.assert_close(mine[name], ref[name], rtol=0, atol=1e-6, msg=name)
     # The tables, read back as one model (the shards joined), row for row.
-    mine, ref = (_table_rows(o) for o in (out, one_step))
+    mine, ref = (table_rows(o) for o in (out, one_step))
     assert mine.keys() == ref.keys() and mine
     for name in ref:
         torch.testing.assert_close(mine[name], ref[name], rtol=0, atol=1e-6, msg=name)
-
-
-def _table_rows(out: Path) -> dict[str, torch.Tensor]:
-    trained = load_trained(out, device="cpu")
-    rows = {}
-    for memory in trained.model.engram_layers:
-        every = torch.arange(memory.spec.layer_rows(memory.layer_id))
-        embedded = memory.table is not None
-        table = memory.table.weight.detach() if embedded else memory.row_source.store.read(every)
-        rows[f"layer{memory.layer_id}"] = table.cpu()
-    trained.tables.close()
-    return rows
 
 
 @pytest.mark.parametrize("plan", ["2-fsdp-device", "3-ddp-host"])

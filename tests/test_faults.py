@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from small_runs import BASE
+from small_runs import BASE, table_rows
 
 from engram.checkpoint import read_manifest
-from engram.inference.load import load_trained
 
 STEPS = 16
 KILLS = 3  # attempts killed before one is let finish
@@ -72,14 +71,7 @@ def _final(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
     manifest = read_manifest(out)
     assert manifest["step"] == STEPS
     weights = load_file(str(Path(manifest["path"]) / "model.safetensors"))
-    trained = load_trained(out, device="cpu")
-    rows = {}
-    for memory in trained.model.engram_layers:
-        every = torch.arange(memory.spec.layer_rows(memory.layer_id))
-        embedded = memory.table is not None
-        table = memory.table.weight.detach() if embedded else memory.row_source.store.read(every)
-        rows[f"layer{memory.layer_id}"] = table.clone()
-    trained.tables.close()
+    rows = table_rows(out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return weights, rows, [r["val_loss"] for r in records if "val_loss" in r][-1]
 
