@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from small_runs import BASE, table_rows
 
-from engram.checkpoint import read_manifest
+from engram.checkpoint import read_manifest, verify_files
 
 STEPS = 16
 KILLS = 3  # attempts killed before one is let finish
@@ -111,3 +111,61 @@ def test_killed_at_random_and_resumed_trains_bit_for_bit(corpus, tmp_path, place
         assert torch.equal(rows[name], ref_rows[name]), name
     leftovers = [*(out / "checkpoints").glob(".tmp-*"), *(out / "checkpoints").glob(".latest-*")]
     assert not leftovers
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a file system that fills up for real (needs root; skipped without)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)])
+    if made.returncode != 0:
+        pytest.skip("this machine does not let tests mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A ballast file leaving about `leave` bytes free on `disk`."""
+    ballast = disk / "ballast"
+    stat = os.statvfs(disk)
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return ballast
+
+
+def test_a_full_disk_stops_training_with_one_line_and_the_last_checkpoint_resumes(
+    corpus, tmp_path, small_disk
+):
+    placement = PLACEMENTS["host"]  # a table saved into every checkpoint
+    straight = tmp_path / "straight"
+    assert subprocess.run(_command(corpus, straight, placement, False), env=ENV).returncode == 0
+    ckpt = Path(read_manifest(straight)["path"])
+    size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    out = small_disk / "run"
+    # Room for the run's own files and two checkpoints (checkpoints are kept two at a time),
+    # not for a third: the save at step 6 meets a full disk.
+    ballast = _fill(small_disk, int(2.6 * size) + 256 * 1024)
+    done = subprocess.run(_command(corpus, out, placement, False), env=ENV, capture_output=True)
+    err = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2, done.stderr.decode()[-3000:]
+    assert "no space left on the device" in err[-1] and "Traceback" not in done.stderr.decode()
+    last = read_manifest(out)  # the last complete checkpoint: intact, every file verified
+    verify_files(last)
+    assert 2 <= last["step"] < STEPS and f"step-{last['step']:07d}" in err[-1]
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written one is gone
+    ballast.unlink()  # the user frees space and resumes
+    done = subprocess.run(_command(corpus, out, placement, True), env=ENV, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    weights, rows, val = _final(out)
+    ref_weights, ref_rows, ref_val = _final(straight)
+    assert val == ref_val
+    for name in ref_weights:
+        assert torch.equal(weights[name], ref_weights[name]), name
+    for name in ref_rows:
+        assert torch.equal(rows[name], ref_rows[name]), name

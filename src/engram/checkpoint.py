@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import _remove_duplicate_names, load_file, load_model, save_file
+from safetensors.torch import _remove_duplicate_names, load_file, load_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,7 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from engram.files import fsync_dir, fsync_file, remove_later, sweep_trash
+from engram.files import (
+    disk_full,
+    fsync_dir,
+    fsync_file,
+    remove_later,
+    save_tensors,
+    sweep_trash,
+)
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
@@ -124,7 +132,7 @@ def _save_model(model: torch.nn.Module, path: Path, distributed: bool, main: boo
         for name in removed:
             metadata[name] = kept
             del state[name]
-    save_file(state, str(path), metadata=metadata or None)
+    save_tensors(state, path, metadata=metadata or None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -169,7 +177,7 @@ def save_checkpoint(
             tensors.update(t)
             meta[name] = m
         if rank == 0:
-            save_file(tensors, str(tmp / "optim.safetensors"))
+            save_tensors(tensors, tmp / "optim.safetensors")
             for file in ("model.safetensors", "optim.safetensors"):
                 fsync_file(tmp / file)
         attached = {name: write(tmp / name) for name, write in (attachments or {}).items()}
@@ -201,9 +209,11 @@ def _commit_together(
                 if sub.is_dir():
                     fsync_dir(sub)
             final = _finish(root, step, tmp, _merge_ranks(parts, attached), keep)
-    except BaseException:
+    except BaseException as e:  # a rank that fails exits; torchrun then ends the others
         if rank == 0:
-            remove_later(tmp)
+            _discard(tmp, e)
+        if disk_full(e):
+            raise _no_space(root, step, e) from e
         raise
     box = [str(final) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)  # no rank goes on before the commit
@@ -239,11 +249,30 @@ def commit(
     root = Path(root)
     tmp = _begin(root, step, keep)
     try:
-        manifest = write(tmp)
-    except BaseException:
-        remove_later(tmp)
+        return _finish(root, step, tmp, write(tmp), keep)
+    except BaseException as e:
+        _discard(tmp, e)
+        if disk_full(e):
+            raise _no_space(root, step, e) from e
         raise
-    return _finish(root, step, tmp, manifest, keep)
+
+
+def _discard(tmp: Path, e: BaseException) -> None:
+    """Remove a checkpoint folder that will never be committed (gone already once renamed)."""
+    if disk_full(e):  # now, not in the background: the space is needed back
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        remove_later(tmp)
+
+
+def _no_space(root: Path, step: int, e: OSError) -> ValueError:
+    """The one line a full disk gets: what failed, and that the last checkpoint is intact."""
+    where = f" ({e.filename})" if e.filename else ""
+    return ValueError(
+        f"no space left on the device writing checkpoint step {step} to {root}{where}; the "
+        f"last complete checkpoint ({_latest_name(root) or 'none yet'}) is intact: free "
+        "space, then resume (--resume)"
+    )
 
 
 def _begin(root: Path, step: int, keep: int = 2) -> Path:
@@ -263,21 +292,18 @@ def _begin(root: Path, step: int, keep: int = 2) -> Path:
 
 
 def _finish(root: Path, step: int, tmp: Path, manifest: dict[str, Any], keep: int) -> Path:
-    """Steps 2-5 of `commit`, once `tmp` holds every file."""
+    """Steps 2-5 of `commit`, once `tmp` holds every file (the caller removes `tmp` if this
+    fails before the rename: `_discard`)."""
     final = root / f"step-{step:07d}"
-    try:
-        files = file_digests(tmp)
-        _write_manifest(
-            tmp, {"format_version": CHECKPOINT_FORMAT, "step": step, **manifest, FILES: files}
-        )
-        fsync_dir(tmp)
-        if final.exists():  # committed by a run that crashed before moving `latest`
-            remove_later(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        remove_later(tmp)
-        raise
+    files = file_digests(tmp)
+    _write_manifest(
+        tmp, {"format_version": CHECKPOINT_FORMAT, "step": step, **manifest, FILES: files}
+    )
+    fsync_dir(tmp)
+    if final.exists():  # committed by a run that crashed before moving `latest`
+        remove_later(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
     _point_latest(root, final.name)
     older = [p for p in sorted(root.glob("step-*")) if p.name != final.name]
     for old in older[: max(0, len(older) - (keep - 1))]:

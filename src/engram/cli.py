@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from engram.config import apply_overrides, parse_assignments
-from engram.files import check_writable
+from engram.files import check_writable, disk_full
 from engram.spec import PRESETS, HashSpec, SpecConfig, preset, resolve
 
 
@@ -453,6 +453,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, always: some messages quote a library's multi-line text.
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"engram {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not disk_full(e):  # any other OSError we did not foresee is a bug: a traceback
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"engram {args.command}: error: no space left on the device{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,6 +25,9 @@ import uuid
 import weakref
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 TRASH = ".trash-"
 _in_flight: set[Path] = set()  # being deleted by this process's threads
 _lock = threading.Lock()
@@ -160,3 +163,24 @@ class FolderLock:
             self._fd = None
             if hasattr(self, "_closer"):
                 self._closer()
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full device, a full quota
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, with a full disk reported as the OSError(ENOSPC) any other
+    write raises (safetensors words it as its own error), so callers handle one fault one way."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        text = str(e)
+        for code in FULL:
+            if f"os error {code})" in text:
+                raise OSError(code, os.strerror(code), str(path)) from e
+        raise
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write refused because the device (or the quota) is full."""
+    return isinstance(e, OSError) and e.errno in FULL

@@ -40,9 +40,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from engram.files import fsync_file
+from engram.files import fsync_file, save_tensors
 from engram.rowinit import RowInit
 from engram.tables.base import VALUE, RowStore, TableLayout, check_layout, check_rows
 
@@ -246,7 +245,7 @@ class QuantizedStore(RowStore):
         if path.exists():
             raise ValueError(f"{path} exists; save writes a new file")
         tensors = {"payload": self._payload.cpu(), "scales": self._scales.cpu()}
-        save_file(tensors, str(path), metadata={"table": json.dumps(self.describe())})
+        save_tensors(tensors, path, metadata={"table": json.dumps(self.describe())})
         fsync_file(path)
 
     def load(self, path: Path) -> None:

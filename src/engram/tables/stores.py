@@ -48,9 +48,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from engram.files import delete_in_background, fsync_dir, fsync_file, remove_later, trash_name
+from engram.files import (
+    delete_in_background,
+    fsync_dir,
+    fsync_file,
+    remove_later,
+    save_tensors,
+    trash_name,
+)
 from engram.rowinit import RowInit, fill_initial
 from engram.tables.base import ALL, RowStore, TableLayout, check_layout, initial_records
 from engram.tables.packed import PackedStore, is_packed, write_packed
@@ -98,7 +104,7 @@ class TensorStore(RowStore):
         if path.exists():
             raise ValueError(f"{path} exists; save writes a new file")
         records = self._records.detach().cpu().contiguous()
-        save_file({"records": records}, str(path), metadata={"table": json.dumps(self.describe())})
+        save_tensors({"records": records}, path, metadata={"table": json.dumps(self.describe())})
         fsync_file(path)
 
     def load(self, path: Path) -> None:
