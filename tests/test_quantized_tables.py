@@ -112,7 +112,9 @@ def test_int8_and_fp8_keep_the_validation_loss(run):
     for kind, kind_stores in stores.items():
         install_quantized(model, kind_stores)
         loss = evaluate(model, val, cfg, device)
-        assert abs(loss - fp32) < 0.01, kind  # per-row scales: ~0.4% (int8), ~2% (fp8) RMS
+        # Close (per-row scales: ~0.4% (int8), ~2% (fp8) RMS), and not equal: a table that
+        # installing left unused would give the float loss to the last bit.
+        assert 0 < abs(loss - fp32) < 0.01, kind
 
 
 def test_save_load_round_trip_gives_identical_logits(run, tmp_path):
@@ -193,7 +195,7 @@ def test_cli_quantize_then_eval(run, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert report["quantized"]["kind"] == "int8" and report["quantized"]["block"] == BLOCK
     assert report["quantized"]["bytes_per_token"] == H * (r + 4 * r // BLOCK)
-    assert abs(report["val_loss"] - plain["val_loss"]) < 0.01
+    assert 0 < abs(report["val_loss"] - plain["val_loss"]) < 0.01  # --tables used, and close
     assert report["val_loss_engram_off"] == plain["val_loss_engram_off"]
     # The same folder again: refused without --overwrite.
     assert main(["quantize", "--ckpt", str(run), "--kind", "int8", "--block", "4"]) == 2
@@ -225,7 +227,7 @@ def test_a_host_placed_table_quantises_from_its_store(host_run, tmp_path, capsys
     install_quantized(model, stores)
     with pytest.raises(ValueError, match="closed"):  # the float store was released
         placed.store.read(torch.tensor([0]))
-    assert abs(evaluate(model, val, cfg, torch.device("cpu")) - fp32) < 0.01
+    assert 0 < abs(evaluate(model, val, cfg, torch.device("cpu")) - fp32) < 0.01
     assert main(["eval", "--ckpt", str(host_run), "--tables", str(tmp_path / "q")]) == 0
     assert json.loads(capsys.readouterr().out)["quantized"]["kind"] == "int8"
 
