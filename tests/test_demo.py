@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 
@@ -59,5 +58,4 @@ def test_quick_demo_writes_the_report(corpus, tmp_path, capsys):
 
 def test_quick_config_is_small():
     assert QUICK.train.steps * QUICK.train.batch_size * QUICK.train.seq_len <= 50_000
-    assert replace(QUICK, seeds=(0, 1)).seeds == (0, 1)
     assert not QUICK.reuse  # the demo always retrains its arms

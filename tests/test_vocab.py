@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import engram.vocab as vocab_module
 from engram.tokenizer import load_tokenizer, train_bpe
 from engram.vocab import CompressedVocab, _normalizer, build_lookup, canonical_key, compress
 
@@ -87,14 +88,23 @@ def test_key_rules_replacement_char_and_empty():
 
 def test_cache_roundtrip_and_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, deepseek):
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path))
+    builds = []
+    real = vocab_module.build_lookup
+    monkeypatch.setattr(vocab_module, "build_lookup", lambda tok: builds.append(1) or real(tok))
     first = CompressedVocab.build(deepseek)
     files = list((tmp_path / "vocab").glob("*.safetensors"))
-    assert len(files) == 1
+    assert len(files) == 1 and len(builds) == 1
     again = CompressedVocab.build(deepseek)
-    assert again.fingerprint == first.fingerprint
+    assert len(builds) == 1  # served from the cache, not rebuilt
+    assert np.array_equal(again.lookup, first.lookup) and again.size == first.size
+    data = bytearray(files[0].read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in the map itself: still a readable file
+    files[0].write_bytes(bytes(data))
+    flipped = CompressedVocab.build(deepseek)
+    assert len(builds) == 2 and np.array_equal(flipped.lookup, first.lookup)
     files[0].write_bytes(b"not a safetensors file")
     rebuilt = CompressedVocab.build(deepseek)
-    assert rebuilt.fingerprint == first.fingerprint
+    assert len(builds) == 3 and np.array_equal(rebuilt.lookup, first.lookup)
 
 
 def test_identity_map_when_compression_is_off(deepseek):

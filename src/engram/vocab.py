@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from tokenizers import Regex, normalizers
 
 from engram.tokenizer import Tokenizer
@@ -88,6 +89,24 @@ def _atomic_save(arrays: dict[str, np.ndarray], metadata: dict[str, str], path: 
             os.unlink(tmp)
 
 
+def _digest(lookup: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(lookup, dtype="<i8").tobytes()).hexdigest()
+
+
+def _read_cached(path: Path, vocab_size: int) -> np.ndarray | None:
+    """A cached map, or None when it cannot be trusted (unreadable, another size, or bytes that
+    differ from the digest stored beside them, e.g. a flipped bit): it is then rebuilt."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            digest = (f.metadata() or {}).get("sha256")
+            lookup = f.get_tensor("lookup")
+    except Exception:  # whatever a damaged file makes the reader raise: rebuild, never trust
+        return None
+    if lookup.shape != (vocab_size,) or digest != _digest(lookup):
+        return None
+    return lookup
+
+
 @dataclass(frozen=True)
 class CompressedVocab:
     """The id -> canonical id map of one tokenizer, or the identity when compression is off."""
@@ -148,18 +167,16 @@ class CompressedVocab:
         key = hashlib.sha256(f"{tokenizer.fingerprint}:{NORMALIZER_VERSION}".encode()).hexdigest()
         path = cache_dir() / "vocab" / f"{key[:32]}.safetensors"
         if use_cache and path.is_file():
-            try:
-                lookup = load_file(str(path))["lookup"]
-                if lookup.shape == (tokenizer.vocab_size,):
-                    return cls(lookup, int(lookup.max()) + 1, tokenizer.fingerprint, True)
-            except Exception:  # a corrupt cache entry is rebuilt, never trusted
-                pass
+            lookup = _read_cached(path, tokenizer.vocab_size)
+            if lookup is not None:
+                return cls(lookup, int(lookup.max()) + 1, tokenizer.fingerprint, True)
         lookup, keys = build_lookup(tokenizer)
         if use_cache:
             meta = {
                 "tokenizer_fingerprint": tokenizer.fingerprint,
                 "normalizer_version": str(NORMALIZER_VERSION),
                 "size": str(len(keys)),
+                "sha256": _digest(lookup),
             }
             _atomic_save({"lookup": lookup}, meta, path)
         return cls(lookup, len(keys), tokenizer.fingerprint, compressed=True)
