@@ -140,11 +140,26 @@ def test_bad_inputs(tiny_spec, deepseek_vocab):
 
 
 def test_bf16_forward_and_backward(tiny_spec, deepseek_vocab):
-    module = make(tiny_spec).to(torch.bfloat16)
+    """bf16 computes what fp32 does, to bf16's precision, forward and backward."""
+    full = make(tiny_spec)
+    randomise_conv(full)
+    half = make(tiny_spec)
+    half.load_state_dict(full.state_dict())
+    half.to(torch.bfloat16)
     hidden, rows = inputs(tiny_spec, deepseek_vocab)
-    y = module(hidden.bfloat16(), rows)
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    y.float().sum().backward()
+    weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(3))
+    y, y16 = full(hidden, rows), half(hidden.bfloat16(), rows)
+    assert y16.dtype == torch.bfloat16
+    (y * weight).sum().backward()
+    (y16.float() * weight).sum().backward()
+    # bf16 keeps 8 bits of mantissa: about 0.4% per rounding, a few roundings deep.
+    assert (y16.float() - y).norm() < 0.03 * y.norm()
+    for (name, p), p16 in zip(full.named_parameters(), half.parameters(), strict=True):
+        assert p16.grad is not None and p16.grad.dtype == torch.bfloat16, name
+        g, g16 = p.grad.flatten(), p16.grad.float().flatten()
+        assert torch.isfinite(g16).all(), name
+        cosine = torch.dot(g, g16) / (g.norm() * g16.norm() + 1e-30)
+        assert g.norm() == 0 or cosine > 0.99, (name, float(cosine))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
