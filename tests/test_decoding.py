@@ -43,12 +43,17 @@ def _model(tok, branches: int, conv: bool = True, seed: int = 0) -> EngramLM:
     spec = resolve(config.engram.spec, tokenizer=tok, vocab=vocab)
     torch.manual_seed(seed)
     model = EngramLM(config, spec, NgramHasher(spec, vocab))
-    # A trained conv is not zero: give it weights so that the conv path is really tested.
+    # A trained conv is not zero: give it weights so that the conv path is really tested. And
+    # a trained attention is not uniform: at init (std 0.02) losing the keys or shifting every
+    # position moves the logits by 1e-4 only; sharper attention makes such a loss show.
     with torch.no_grad():
         for e in model.engram_layers:
             if e.conv is not None:
                 e.conv.conv.weight.normal_(std=0.5)
             e.table.weight.normal_(std=0.5)
+        for block in model.blocks:
+            block.attn.q_proj.weight.normal_(std=0.3)
+            block.attn.kv_proj.weight.normal_(std=0.3)
     return model.eval()
 
 
@@ -79,6 +84,38 @@ def test_full_equals_chunked_equals_stepwise(tok, branches, eos_at):
     for chunk in (23, 5, 1):
         got = _decode(model, ids, chunk)
         assert (got - full).abs().max() < ATOL, (chunk, (got - full).abs().max())
+
+
+def _sabotage(cache, part: str, fresh) -> None:
+    """Lose one piece of the state decoding carries from chunk to chunk."""
+    if part == "ngram history":
+        cache.hash_state = fresh.hash_state
+    elif part == "conv windows":
+        for window in cache.conv.values():
+            window.zero_()
+    elif part == "rotary positions":
+        cache.positions += 1
+    else:  # "attention keys"
+        for keys in cache.keys:
+            keys.zero_()
+
+
+@pytest.mark.parametrize(
+    "part", ["ngram history", "conv windows", "rotary positions", "attention keys"]
+)
+@torch.no_grad()
+def test_losing_any_piece_of_state_is_caught(tok, part):
+    """The negative control of the equality above: decoding that loses one piece of its state
+    after the first chunk moves later logits far beyond ATOL (so the tests can fail)."""
+    model = _model(tok, 4)
+    ids = _ids(tok, 2, 23)
+    full = model(ids)
+    cache = model.new_cache(2, 23)
+    first = model(ids[:, :8], cache=cache)
+    _sabotage(cache, part, model.new_cache(2, 23))
+    rest = model(ids[:, 8:], cache=cache)
+    assert (first - full[:, :8]).abs().max() < ATOL
+    assert (rest - full[:, 8:]).abs().max() > 1e-2, part
 
 
 @torch.no_grad()
