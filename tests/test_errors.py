@@ -275,3 +275,26 @@ def test_a_multi_line_user_error_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(engram.cli, "cmd_spec", wordy)
     err = user_error(capsys, ["spec", "--preset", "tiny"], "first line; second line")
     assert err.startswith("engram spec: error:")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (("model", "d_model"), 1 << 20, "GB of weights, its model.safetensors holds"),
+        (("model", "engram", "spec", "base_sizes"), [10**12, 10**12], "GB in memory, more than"),
+    ],
+)
+def test_a_hostile_config_is_refused_before_anything_is_allocated(
+    capsys, trained, tmp_path, key, value, message
+):
+    """A checkpoint one was sent whose config would build terabytes: refused from its numbers."""
+    run, _ = copy_run(trained, tmp_path)
+    manifest = step_folder(run) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    node = data["config"]
+    for part in key[:-1]:
+        node = node[part]
+    node[key[-1]] = value
+    manifest.write_text(json.dumps(data))
+    capsys.readouterr()
+    user_error(capsys, ["eval", "--ckpt", str(run)], message)

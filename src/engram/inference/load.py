@@ -15,6 +15,7 @@ device table is restored from them into one store, and a table the plan embeds i
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -24,11 +25,12 @@ from typing import Any
 import torch
 
 from engram.assembly import build_model, pick_device, place_tables
-from engram.checkpoint import load_checkpoint, read_manifest
+from engram.checkpoint import FILES, load_checkpoint, read_manifest
 from engram.config import TrainConfig, from_dict
-from engram.model import EngramLM
+from engram.model import EngramLM, ModelConfig
+from engram.model.accounting import count_params_from_config
 from engram.module import lazy_tables
-from engram.spec import HashSpec
+from engram.spec import HashSpec, derive_primes
 from engram.tables.placed import PlacedTables, table_name
 from engram.tables.plan import LayerPlacement, TablePlan
 from engram.tables.reshard import saved_entries
@@ -66,6 +68,7 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
     if tok.fingerprint != manifest["tokenizer_fingerprint"]:
         raise ValueError(f"{tok_path} is not the tokenizer this checkpoint was trained with")
     config = from_dict(TrainConfig, manifest["config"])
+    check_affordable(config.model.with_(vocab_size=tok.vocab_size), config.tables, manifest)
     spec_tokenizer = (manifest["spec"] or {}).get("tokenizer", str(tok_path))
     # Seeded as the run was, so that each table's init (which untouched rows of a placed table
     # read as) is the run's; the caller's RNG is left as it was.
@@ -90,6 +93,39 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
             tables.embed(embedded)
     model.to(target).eval()
     return Trained(model, tables, tok, spec, config, manifest)
+
+
+def check_affordable(model: ModelConfig, plan: TablePlan, manifest: dict[str, Any]) -> None:
+    """Refuse, before anything is built, a checkpoint whose config describes more weights than
+    its weights file holds (a hostile or mismatched config.json would otherwise allocate them,
+    terabytes perhaps), or tables the plan holds in memory that exceed the free RAM."""
+    ckpt = Path(manifest["path"])
+    counts = count_params_from_config(model)
+    dense = 4 * (counts.p_tot - counts.engram_tables + counts.embedding + counts.head)
+    record = manifest.get(FILES, {}).get("model.safetensors", {})
+    weights = record.get("bytes") if isinstance(record, dict) else None
+    if not isinstance(weights, int):
+        weights = (ckpt / "model.safetensors").stat().st_size
+    if dense > weights + (1 << 20):  # the file also holds buffers and a header: never fewer
+        raise ValueError(
+            f"checkpoint {ckpt}: its config describes {dense / 1e9:.3g} GB of weights, its "
+            f"model.safetensors holds {weights / 1e9:.3g} GB"
+        )
+    if model.engram is None:
+        return
+    spec = model.engram.spec
+    primes = derive_primes(spec.layer_ids, spec.orders, spec.heads_per_order, spec.base_sizes)
+    in_memory = sum(
+        sum(p) * spec.row_dim * 4
+        for layer, p in zip(spec.layer_ids, primes, strict=True)
+        if plan.for_layer(layer).placement != "disk"
+    )
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if in_memory > free:
+        raise ValueError(
+            f"checkpoint {ckpt}: its tables would hold {in_memory / 1e9:.3g} GB in memory, more "
+            f"than the {free / 1e9:.3g} GB of free RAM (a disk placement serves them from disk)"
+        )
 
 
 def inference_plan(plan: TablePlan, sharded: Collection[int] = ()) -> TablePlan:
