@@ -267,6 +267,8 @@ class HashSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HashSpec:
         """Rebuild and verify: every derived number must match what the config derives."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a spec must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
         if version != SPEC_FORMAT:
             raise ValueError(
