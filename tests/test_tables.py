@@ -322,23 +322,37 @@ def test_cache_access_waits_for_a_load_in_flight(action):
 
 
 class SlowStore(HostStore):
-    """A host store with the latency of a slow tier, to widen every race window."""
+    """A host store with the latency of a slow tier, to widen every race window: 2 ms per
+    read, or with `seed` a random 0-4 ms (seeded), so that each seed is another schedule."""
+
+    def __init__(self, layout: TableLayout, init: RowInit, seed: int | None = None) -> None:
+        super().__init__(layout, init)
+        self.delays = None if seed is None else np.random.default_rng(1000 + seed)
+        self.lock = threading.Lock()
 
     def _gather(self, rows: torch.Tensor, slot: str) -> torch.Tensor:
-        time.sleep(0.002)
+        if self.delays is None:
+            time.sleep(0.002)
+        else:
+            with self.lock:
+                delay = float(self.delays.uniform(0, 0.004))
+            time.sleep(delay)
         return super()._gather(rows, slot)
 
 
-def test_prefetch_thread_and_consumer_thread():
+@pytest.mark.parametrize("seed", range(6))
+def test_prefetch_thread_and_consumer_thread(seed):
     """The prefetch thread pins batch i+1 (and reads stray rows) while the consumer updates
     batch i and peeks at batch i+1 (perhaps mid-load): pinned rows stay resident, and the
-    consumer never sees a stale value."""
+    consumer never sees a stale value. Each seed draws other batches, other slow-tier delays
+    and other compute times: another interleaving of the two threads."""
     num_rows, batch = 256, 16
-    backing = SlowStore(TableLayout(num_rows, 4), INIT)
+    backing = SlowStore(TableLayout(num_rows, 4), INIT, seed=seed)
     # Pinned at once: the consumer's batch, the queued one, the one being pinned, a stray read
     # and the consumer's peek: at most 5 x 16 rows.
     cache = CachedStore(backing, capacity=80)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    compute = np.random.default_rng(2000 + seed)
     zipf = 1.0 / np.arange(1, num_rows + 1)
     zipf /= zipf.sum()
     batches = [np.sort(rng.choice(num_rows, batch, replace=False, p=zipf)) for _ in range(60)]
@@ -367,7 +381,7 @@ def test_prefetch_thread_and_consumer_thread():
         new = expected[rows] * 0.5 + i
         cache.write(rows, new)
         expected[rows] = new
-        time.sleep(0.003)  # the step's compute, while the next batch loads and others evict
+        time.sleep(compute.uniform(0, 0.006))  # the step, while batch i+1 loads and others evict
         peek = torch.from_numpy(batches[min(i + 1, len(batches) - 1)])
         assert_same(cache.read(peek), expected[peek])  # waits for a load in flight
         assert cache.resident(rows).all()
