@@ -5,6 +5,7 @@
 - The readers of configs and specs, fed random data, either return a value or raise ValueError
   (the user's error), never another exception (a bug).
 - The command line, fed random argument lists, exits 0 or 2, never with a traceback.
+- Compression maps a random vocabulary onto canonical ids, one per canonical key.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from engram.cli import main
 from engram.config import TrainConfig, apply_overrides, from_dict
 from engram.hashing import NgramHasher
 from engram.spec import HashSpec, SpecConfig, resolve
-from engram.vocab import compress
+from engram.tokenizer import train_bpe
+from engram.vocab import _normalizer, canonical_key, compress
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -177,3 +179,26 @@ def test_the_cli_on_random_arguments_exits_0_or_2_without_a_traceback(argv):
             code = e.code
     assert code in (0, 2), (argv, code, err.getvalue()[-500:])
     assert "Traceback" not in err.getvalue()
+
+
+# ---- compression of random vocabularies -----------------------------------------------------
+TEXT = st.text(alphabet="aAbBéÉ  \t\n.,!?0123456789ßſﬁＡ", min_size=1, max_size=30)
+
+
+@settings(max_examples=15, deadline=None)
+@given(texts=st.lists(TEXT, min_size=1, max_size=12), size=st.integers(260, 400))
+def test_compression_of_a_random_vocabulary_is_a_canonical_surjection(texts, size):
+    """Every id maps to a canonical id in [0, size), every canonical id is used and numbered in
+    order of first appearance, and two ids share one exactly when their canonical keys agree."""
+    tok = train_bpe(texts * 3, vocab_size=size)
+    vocab = compress(tok, use_cache=False)
+    lookup = vocab.lookup
+    assert lookup.shape == (tok.vocab_size,) and lookup.min() == 0
+    assert set(lookup.tolist()) == set(range(vocab.size))  # onto [0, size)
+    assert (lookup <= np.maximum.accumulate(np.r_[-1, lookup[:-1]]) + 1).all()  # first-seen order
+    normalizer = _normalizer()
+    keys = [canonical_key(tok, i, normalizer) for i in range(tok.vocab_size)]
+    first: dict[str, int] = {}
+    for token_id, key in enumerate(keys):
+        assert lookup[token_id] == lookup[first.setdefault(key, token_id)]
+    assert len(first) == vocab.size  # distinct keys, distinct canonical ids
