@@ -197,6 +197,13 @@ def test_cli_quantize_then_eval(run, tmp_path, capsys):
     assert report["quantized"]["bytes_per_token"] == H * (r + 4 * r // BLOCK)
     assert 0 < abs(report["val_loss"] - plain["val_loss"]) < 0.01  # --tables used, and close
     assert report["val_loss_engram_off"] == plain["val_loss_engram_off"]
+    # A flipped bit in a quantised table: refused, naming the file, never served.
+    qtable = next(folder.glob("*.qtable"))
+    data = bytearray(qtable.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    qtable.write_bytes(bytes(data))
+    assert main(["eval", "--ckpt", str(run), "--tables", str(folder), "eval_tokens=512"]) == 2
+    assert f"{qtable.name} is damaged" in capsys.readouterr().err
     # The same folder again: refused without --overwrite.
     assert main(["quantize", "--ckpt", str(run), "--kind", "int8", "--block", "4"]) == 2
     assert "exists" in capsys.readouterr().err

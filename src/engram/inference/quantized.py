@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from engram.checkpoint import FILES, file_digests, verify_files
 from engram.files import fsync_dir, fsync_file
 from engram.module import HashedMemory, RowSource
 from engram.rowinit import RowInit
@@ -239,6 +240,7 @@ def save_quantized(
     try:
         for name, store in stores.items():
             store.save(tmp / entries[name]["file"])  # fsynced by QuantizedStore.save
+        manifest[FILES] = file_digests(tmp)  # checked by `load_quantized` before any read
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_file(tmp / MANIFEST)
         fsync_dir(tmp)
@@ -285,6 +287,7 @@ def load_quantized(
     """
     folder = Path(folder)
     manifest = read_quantized_manifest(folder)
+    verify_files({**manifest, "path": str(folder)})  # sizes and SHA-256 of every file
     memories = _memories(model) if model is not None else {}
     stores: dict[str, QuantizedStore] = {}
     for name, entry in manifest["tables"].items():
