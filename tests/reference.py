@@ -100,3 +100,20 @@ def demo_engram_forward(module, hidden, rows):
         normed.transpose(1, 2), conv.weight, padding=pad, dilation=conv.dilation, groups=conv.groups
     )[..., :T]
     return u + F.silu(y).transpose(1, 2).reshape(B, T, M, d)
+
+
+def reference_rows(spec, vocab, ids, starts=None):
+    """Per layer, the numpy reference's rows for raw ids [B, T]."""
+    canon = vocab.lookup[ids.numpy()]
+    out = {}
+    for layer in spec.layer_ids:
+        args = (
+            canon,
+            list(spec.layer_multipliers(layer)),
+            list(spec.layer_primes(layer)),
+            list(spec.orders),
+            spec.config.heads_per_order,
+            spec.canonical_pad_id,
+        )
+        out[layer] = demo_hash(*args) if starts is None else loop_hash(*args, starts)
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import demo_hash, loop_hash
+from reference import reference_rows
 
 from engram.hashing import NgramHasher
 from engram.spec import resolve
@@ -17,23 +17,6 @@ from engram.vocab import compress
 
 GOLDEN = Path(__file__).parent / "golden"
 EXAMPLE = "Only Alexander the Great could tame the horse Bucephalus."
-
-
-def reference_rows(spec, vocab, ids, starts=None):
-    """Per layer, the numpy reference's rows for raw ids [B, T]."""
-    canon = vocab.lookup[ids.numpy()]
-    out = {}
-    for layer in spec.layer_ids:
-        args = (
-            canon,
-            list(spec.layer_multipliers(layer)),
-            list(spec.layer_primes(layer)),
-            list(spec.orders),
-            spec.config.heads_per_order,
-            spec.canonical_pad_id,
-        )
-        out[layer] = demo_hash(*args) if starts is None else loop_hash(*args, starts)
-    return out
 
 
 def eos_starts(ids, eos):

@@ -445,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(text: str) -> None:
+    """One line on stderr in one write: print() writes the text and its newline apart, and the
+    lines of several ranks refusing at once (under torchrun) then run into each other."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -452,13 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         # One line, always: some messages quote a library's multi-line text.
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"engram {args.command}: error: {message}", file=sys.stderr)
+        _error_line(f"engram {args.command}: error: {message}")
         return 2
     except OSError as e:
         if not disk_full(e):  # any other OSError we did not foresee is a bug: a traceback
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"engram {args.command}: error: no space left on the device{where}", file=sys.stderr)
+        _error_line(f"engram {args.command}: error: no space left on the device{where}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -143,26 +143,23 @@ class FolderLock:
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / self.NAME
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise ValueError(
                 f"{folder} is in use by another run ({holder}): one run writes a folder at a time"
             ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         # A holder dropped without `release` (a Run never closed) frees the folder when collected.
-        self._closer = weakref.finalize(self, os.close, self._fd)
+        self._closer = weakref.finalize(self, os.close, fd)
 
     def release(self) -> None:
-        """Drop the claim (closing the descriptor drops the lock)."""
-        if self._fd is not None:
-            self._fd = None
-            if hasattr(self, "_closer"):
-                self._closer()
+        """Drop the claim (closing the descriptor drops the lock); calling it again does nothing."""
+        self._closer()
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # a full device, a full quota

@@ -200,18 +200,15 @@ def sum_expert_loads(model: nn.Module, world: World) -> None:
                     p.grad = None
 
 
-def mean_over_ranks(values: list[float], world: World, device: torch.device) -> list[float]:
-    """The mean of each value over ranks (e.g. each rank's mean loss over its equal slice)."""
+def sum_over_ranks(values: list[float], world: World, device: torch.device) -> list[float]:
+    """The sum of each value over ranks (float64; the values themselves in one process)."""
     if not world.distributed or not values:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return (t / world.size).tolist()
-
-
-def sum_over_ranks(values: list[float], world: World, device: torch.device) -> list[float]:
-    if not world.distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
     return t.tolist()
+
+
+def mean_over_ranks(values: list[float], world: World, device: torch.device) -> list[float]:
+    """The mean of each value over ranks (e.g. each rank's mean loss over its equal slice)."""
+    return [v / world.size for v in sum_over_ranks(values, world, device)]

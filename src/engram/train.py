@@ -222,7 +222,9 @@ class Run:
         if not _has_checkpoint(self.dir):
             return None  # nothing to resume: a fresh run
         manifest = read_manifest(self.dir)
-        verify_files(manifest)  # every file of it, before any is read
+        with self.world.main_first():  # every file of it, before any rank reads one
+            if self.world.main:  # (one rank reads them all; the others wait for its verdict)
+                verify_files(manifest)
         if manifest["tokenizer_fingerprint"] != self.tokenizer.fingerprint:
             raise ValueError("the checkpoint was trained with another tokenizer")
         if self.spec is not None and manifest["spec"] != self.spec.to_dict():
