@@ -3,6 +3,9 @@ in our code is a traceback, never dressed as a user error."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,6 +17,7 @@ from small_runs import BASE
 
 import engram.cli
 from engram.assembly import pick_device
+from engram.checkpoint import write_manifest
 from engram.cli import main
 from engram.files import FolderLock
 
@@ -180,12 +184,94 @@ def test_a_flipped_bit_in_any_checkpoint_file_is_refused(
     assert main(["eval", "--ckpt", str(run)]) == 0  # restored: loads again
 
 
+def _summary(argv: list[str]) -> dict:
+    """What a CLI command that succeeds prints last (its JSON summary)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0, argv
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def disk_run(stdlib_corpus, tmp_path_factory) -> tuple[Path, list[str], float, float]:
+    """A 4-step run with a disk table and checkpoints at steps 2 and 4; the overrides that
+    resume it to step 6; the validation losses of `eval` and of that resume, undamaged."""
+    out = tmp_path_factory.mktemp("disk_run") / "run"
+    argv = [f"data={stdlib_corpus(80)}", f"out_dir={out}", *BASE, "steps=4", "ckpt_every=2"]
+    argv += ["eval_every=2", "eval_tokens=512", "tables.placement=disk"]
+    assert main(["train", *argv]) == 0
+    copy = out.with_name("copy")
+    shutil.copytree(out, copy)
+    resume = [a.replace("steps=4", "steps=6").replace(str(out), str(copy)) for a in argv]
+    evaluated = _summary(["eval", "--ckpt", str(copy)])["val_loss"]
+    resumed = _summary(["train", "--resume", *resume])["val_loss"]
+    shutil.rmtree(copy)
+    return out, [a.replace("steps=4", "steps=6") for a in argv], evaluated, resumed
+
+
+def _damage(path: Path, how: str) -> None:
+    """Cut the file in half, or flip one bit of a digit past its middle: damage that still
+    parses (a number in a JSON file takes another value)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        at = next(i for i in range(len(data) // 2, len(data)) if 0x30 <= data[i] <= 0x39)
+        data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+@pytest.mark.parametrize(
+    "rel, refused_by_resume, refused_by_eval",
+    [
+        ("checkpoints/latest", "latest names", "latest names"),
+        ("checkpoints/step-0000004/manifest.json", "manifest.json is", "manifest.json is"),
+        ("tokenizer.json", None, "tokenizer.json"),  # a resume rebuilds it from the recipe
+        ("tables/layer1.table", None, None),  # live rows: a resume restores the checkpoint's
+        ("config.json", None, None),  # written for people; recipes and manifests are read
+        ("spec.json", None, None),
+        ("metrics.jsonl", None, None),
+    ],
+)
+def test_damage_to_any_file_of_a_run_folder_is_refused_or_harmless(
+    capsys, disk_run, tmp_path, how, rel, refused_by_resume, refused_by_eval
+):
+    """The files outside the checkpoint's digests (those inside: the test above). Damage is
+    either refused, naming the file and changing nothing in the checkpoints, or it is of a
+    file the command does not read: then its result is exactly the undamaged one."""
+    source, resume, evaluated, resumed = disk_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    _damage(run / rel, how)
+    argv = [a.replace(str(source), str(run)) for a in resume]
+    for command, refused, expected in [
+        (["eval", "--ckpt", str(run)], refused_by_eval, evaluated),
+        (["train", "--resume", *argv], refused_by_resume, resumed),
+    ]:
+        before = _digests(run / "checkpoints")
+        if refused:
+            capsys.readouterr()
+            user_error(capsys, command, refused)
+            assert _digests(run / "checkpoints") == before  # nothing lost
+        else:
+            assert _summary(command)["val_loss"] == expected
+
+
 def test_a_manifest_naming_files_outside_its_folder_is_refused(capsys, trained, tmp_path):
     run, argv = copy_run(trained, tmp_path)
     manifest = step_folder(run) / "manifest.json"
     data = json.loads(manifest.read_text())
     data["files"]["../../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
-    manifest.write_text(json.dumps(data))
+    write_manifest(manifest.parent, data)  # with a valid digest: crafted, not damaged
     capsys.readouterr()
     user_error(capsys, ["train", "--resume", *argv], "outside its folder")
 
@@ -195,7 +281,7 @@ def test_manifest_without_tokenizer_fingerprint(capsys, trained, tmp_path):
     manifest = step_folder(run) / "manifest.json"
     data = json.loads(manifest.read_text())
     del data["tokenizer_fingerprint"]
-    manifest.write_text(json.dumps(data))
+    write_manifest(manifest.parent, data)
     capsys.readouterr()
     user_error(capsys, ["train", "--resume", *argv], "without tokenizer_fingerprint")
     user_error(capsys, ["eval", "--ckpt", str(run)], "without tokenizer_fingerprint")
@@ -295,6 +381,6 @@ def test_a_hostile_config_is_refused_before_anything_is_allocated(
     for part in key[:-1]:
         node = node[part]
     node[key[-1]] = value
-    manifest.write_text(json.dumps(data))
+    write_manifest(manifest.parent, data)
     capsys.readouterr()
     user_error(capsys, ["eval", "--ckpt", str(run)], message)

@@ -66,6 +66,14 @@ def _kill_at_random(cmd: list[str], out: Path, rng: random.Random) -> int | None
     return 0
 
 
+def _curve(out: Path) -> list[tuple]:
+    """The run's logged training and validation curve, without the timings and cache counts
+    (a resumed cache starts cold)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss")
+    return [tuple(r.get(key) for key in keys) for r in records]
+
+
 def _final(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """(weights, every table's rows, last validation loss) of a finished run."""
     manifest = read_manifest(out)
@@ -74,6 +82,18 @@ def _final(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
     rows = table_rows(out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return weights, rows, [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+
+def _assert_same_run(out: Path, straight: Path) -> None:
+    """Bit for bit: weights, every table row, the last validation loss."""
+    weights, rows, val = _final(out)
+    ref_weights, ref_rows, ref_val = _final(straight)
+    assert val == ref_val
+    assert weights.keys() == ref_weights.keys() and rows.keys() == ref_rows.keys()
+    for name in ref_weights:
+        assert torch.equal(weights[name], ref_weights[name]), name
+    for name in ref_rows:
+        assert torch.equal(rows[name], ref_rows[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +121,9 @@ def test_killed_at_random_and_resumed_trains_bit_for_bit(corpus, tmp_path, place
     # Finish the run (resuming a finished run changes nothing).
     done = subprocess.run(_command(corpus, out, PLACEMENTS[placement], True), env=ENV)
     assert done.returncode == 0
-    weights, rows, val = _final(out)
-    ref_weights, ref_rows, ref_val = _final(straight)
-    assert val == ref_val
-    assert weights.keys() == ref_weights.keys() and rows.keys() == ref_rows.keys()
-    for name in ref_weights:
-        assert torch.equal(weights[name], ref_weights[name]), name
-    for name in ref_rows:
-        assert torch.equal(rows[name], ref_rows[name]), name
+    _assert_same_run(out, straight)
+    # Each resume dropped what the killed attempt logged past its checkpoint: one clean curve.
+    assert _curve(out) == _curve(straight)
     leftovers = [*(out / "checkpoints").glob(".tmp-*"), *(out / "checkpoints").glob(".latest-*")]
     assert not leftovers
 
@@ -162,10 +177,29 @@ def test_a_full_disk_stops_training_with_one_line_and_the_last_checkpoint_resume
     ballast.unlink()  # the user frees space and resumes
     done = subprocess.run(_command(corpus, out, placement, True), env=ENV, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    weights, rows, val = _final(out)
-    ref_weights, ref_rows, ref_val = _final(straight)
-    assert val == ref_val
-    for name in ref_weights:
-        assert torch.equal(weights[name], ref_weights[name]), name
-    for name in ref_rows:
-        assert torch.equal(rows[name], ref_rows[name]), name
+    _assert_same_run(out, straight)
+
+
+def test_a_live_disk_table_that_fills_its_disk_stops_with_one_line_and_resumes(
+    corpus, tmp_path, small_disk
+):
+    """The live table's rows get their blocks as they are first written: on a full disk that
+    was a SIGBUS (no message, exit status -7); now the run stops with one line, and resumes
+    from its last checkpoint once there is space."""
+    big = ["tables.placement=disk", "model.engram.spec.base_sizes=50000,50000"]  # ~19 MB rows
+    straight = tmp_path / "straight"
+    done = subprocess.run(_command(corpus, straight, big, False), env=ENV, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out, live = tmp_path / "run", [*big, f"tables.path={small_disk}"]  # out_dir has room
+    ballast = _fill(small_disk, 4 * 2**20)  # room for a few steps' new rows, not sixteen
+    done = subprocess.run(_command(corpus, out, live, False), env=ENV, capture_output=True)
+    err = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2, done.stderr.decode()[-3000:]
+    assert "Traceback" not in done.stderr.decode()
+    assert "no space left on the device" in err[-1] and "layer1.table" in err[-1], err[-1]
+    last = read_manifest(out)
+    assert 2 <= last["step"] < STEPS and f"step-{last['step']:07d}" in err[-1], err[-1]
+    ballast.unlink()
+    done = subprocess.run(_command(corpus, out, live, True), env=ENV, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    _assert_same_run(out, straight)

@@ -204,6 +204,15 @@ def test_cli_quantize_then_eval(run, tmp_path, capsys):
     qtable.write_bytes(bytes(data))
     assert main(["eval", "--ckpt", str(run), "--tables", str(folder), "eval_tokens=512"]) == 2
     assert f"{qtable.name} is damaged" in capsys.readouterr().err
+    data[len(data) // 2] ^= 0x04
+    qtable.write_bytes(bytes(data))
+    # A flipped bit in a digit of the manifest (it still parses): refused too.
+    manifest = bytearray((folder / "manifest.json").read_bytes())
+    at = next(i for i in range(len(manifest) // 2, len(manifest)) if chr(manifest[i]).isdigit())
+    manifest[at] ^= 0x01
+    (folder / "manifest.json").write_bytes(bytes(manifest))
+    assert main(["eval", "--ckpt", str(run), "--tables", str(folder), "eval_tokens=512"]) == 2
+    assert "manifest.json is damaged" in capsys.readouterr().err
     # The same folder again: refused without --overwrite.
     assert main(["quantize", "--ckpt", str(run), "--kind", "int8", "--block", "4"]) == 2
     assert "exists" in capsys.readouterr().err

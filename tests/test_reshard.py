@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from small_runs import small_config
 
-from engram.checkpoint import file_digests, read_manifest
+from engram.checkpoint import file_digests, read_manifest, write_manifest
 from engram.cli import main
 from engram.inference.load import inference_plan, load_trained
 from engram.module import HashedMemory, lazy_tables
@@ -260,7 +260,7 @@ def _shard_run(out: Path, world: int) -> None:
     weights = load_file(ckpt / "model.safetensors")
     save_file({k: v for k, v in weights.items() if ".table." not in k}, ckpt / "model.safetensors")
     files = file_digests(ckpt)  # the rewritten files' digests, as a commit records them
-    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "tables": merged, "files": files}))
+    write_manifest(ckpt, {**manifest, "tables": merged, "files": files})
 
 
 RUN_PLANS = {

@@ -88,15 +88,14 @@ def place_tables(
     folder: str | Path,
     device: torch.device,
     plan: TablePlan | None = None,
-    fresh: bool = True,
     read_only: bool = False,
     sharding: ShardGroup | None = None,
     stores: Collection[str] = (),
 ) -> PlacedTables:
     """Apply a run's table plan (default `config.tables`) to `model`, built under `lazy_tables()`:
     embedded tables are allocated in the model, the others in row stores with row optimisers
-    (betas from `config.optim`); disk tables live in `folder`. `fresh`: a disk table starts anew
-    rather than reusing a live file; `read_only`: `folder` is a checkpoint's, served in place;
+    (betas from `config.optim`); disk tables live in `folder`, made anew (a resumed run restores
+    a checkpoint's rows into them); `read_only`: `folder` is a checkpoint's, served in place;
     `sharding`: this rank keeps only its range of every table's rows (`engram.tables.sharded`);
     `stores`: tables kept in row stores even where the plan embeds them."""
     return PlacedTables(
@@ -105,7 +104,6 @@ def place_tables(
         folder,
         device,
         betas=(config.optim.beta1, config.optim.beta2),
-        fresh=fresh,
         read_only=read_only,
         sharding=sharding,
         stores=stores,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping
@@ -296,7 +297,7 @@ def _finish(root: Path, step: int, tmp: Path, manifest: dict[str, Any], keep: in
     fails before the rename: `_discard`)."""
     final = root / f"step-{step:07d}"
     files = file_digests(tmp)
-    _write_manifest(
+    write_manifest(
         tmp, {"format_version": CHECKPOINT_FORMAT, "step": step, **manifest, FILES: files}
     )
     fsync_dir(tmp)
@@ -311,7 +312,32 @@ def _finish(root: Path, step: int, tmp: Path, manifest: dict[str, Any], keep: in
     return final
 
 
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+def _json_digest(value: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """`manifest` with the SHA-256 of its canonical JSON (any earlier one replaced). Parsing and
+    re-encoding gives the same text, so a manifest can carry the digest of its own content: a
+    flipped bit in a digit still parses, and a manifest checks itself as it checks its files."""
+    manifest = {key: value for key, value in manifest.items() if key != SELF_DIGEST}
+    return {**manifest, SELF_DIGEST: _json_digest(manifest)}
+
+
+def unseal(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """Remove a sealed manifest's digest, checked (ValueError naming `name` if its content
+    changed since). A manifest written before sealing is accepted as it is."""
+    recorded = manifest.pop(SELF_DIGEST, None)
+    if recorded is not None and recorded != _json_digest(manifest):
+        raise ValueError(
+            f"{name} is damaged (its SHA-256 differs from the one recorded when it was written)"
+        )
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write `folder/manifest.json`, sealed (`seal`), and fsync it."""
+    manifest = seal(manifest)
     with open(folder / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -319,6 +345,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 FILES = "files"  # the manifest's record of every other file: its size and SHA-256
+SELF_DIGEST = "manifest_sha256"  # the SHA-256 of the manifest's other keys (`_json_digest`)
 
 
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
@@ -392,18 +419,33 @@ def _latest_name(root: Path) -> str | None:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the one a run's `checkpoints/latest` names."""
+    """A checkpoint folder, or the one a run's `checkpoints/latest` names. A `latest` that names
+    no checkpoint (damaged, or its folder removed) is refused, never passed over: resuming from
+    an older checkpoint, or from none, would silently throw training away."""
     path = Path(path)
     for candidate in (path, path / "checkpoints"):
         if (candidate / "manifest.json").is_file():
             return candidate
         if (candidate / LATEST).is_file():
-            target = candidate / (candidate / LATEST).read_text().strip()
-            if (target / "manifest.json").is_file():
-                return target
+            return _named_by_latest(candidate)
     raise ValueError(
         f"no checkpoint at {path} (expected a step-* folder with manifest.json, or a "
         "run folder with checkpoints/latest)"
+    )
+
+
+def _named_by_latest(root: Path) -> Path:
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{root / LATEST} is unreadable: {e}") from e
+    if re.fullmatch(r"step-\d{7}", name) and (root / name / "manifest.json").is_file():
+        return root / name
+    complete = sorted(p.name for p in root.glob("step-*") if (p / "manifest.json").is_file())
+    raise ValueError(
+        f"{root / LATEST} names {name[:40]!r}, which is not a checkpoint here (the file is "
+        f"damaged or the folder was removed); checkpoints here: {', '.join(complete) or 'none'}: "
+        "write the name of the one to resume from into it"
     )
 
 
@@ -411,10 +453,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     ckpt = find_checkpoint(path)
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {ckpt} has an unreadable manifest: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {ckpt}: manifest.json is unreadable: {e}") from e
     if not isinstance(manifest, dict):
         raise ValueError(f"checkpoint {ckpt} has a manifest that is not a JSON object")
+    unseal(manifest, f"checkpoint {ckpt}: manifest.json")
     if manifest.get("format_version") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"checkpoint {ckpt} has format_version "

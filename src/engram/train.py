@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -37,8 +38,8 @@ from engram.assembly import (
     to_device,
 )
 from engram.checkpoint import (
+    LATEST,
     embedded_rows,
-    find_checkpoint,
     load_checkpoint,
     load_optimizers,
     read_manifest,
@@ -49,7 +50,7 @@ from engram.checkpoint import (
 )
 from engram.config import TrainConfig, to_dict
 from engram.data import Batch, PackedLoader, build_shard
-from engram.files import FolderLock, writable_dir
+from engram.files import FolderLock, disk_full, fsync_dir, fsync_file, writable_dir
 from engram.module import lazy_tables
 from engram.optim import Optimizers, lr_factor
 from engram.parallel import (
@@ -69,11 +70,10 @@ from engram.tables.sharded import TRAFFIC, ShardGroup
 
 # ---- the run ------------------------------------------------------------------------------------
 def _has_checkpoint(run_dir: Path) -> bool:
-    try:
-        find_checkpoint(run_dir)
-    except ValueError:
-        return False
-    return True
+    # `latest` is the commit point (`engram.checkpoint.commit`): without it, a step folder is
+    # one a crash left before its first commit, and the run starts afresh. With it, whatever it
+    # names is resumed, or refused if it names nothing (`find_checkpoint`).
+    return (run_dir / "checkpoints" / LATEST).exists()
 
 
 def _tensorboard_writer(run_dir: Path):
@@ -123,6 +123,8 @@ class Run:
             world.barrier()  # every rank has restored its rows: other worlds' files may go
             if world.main:
                 self.tables.remove_stale()
+        if world.main and resume:
+            _trim_metrics(self.dir, self.step)
         if world.main:
             self._write_run_files()
 
@@ -140,15 +142,13 @@ class Run:
         with lazy_tables():  # the plan decides where each table is allocated
             self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
         manifest = self._compatible_checkpoint() if resume else None
-        # A live disk table is reused only to be overwritten by a checkpoint's: without one (a
-        # run that died before its first save), the table starts fresh. A table the checkpoint
-        # saved from a row store (e.g. sharded by another world size) stays in one.
+        # A table the checkpoint saved from a row store (e.g. sharded by another world size)
+        # stays in one.
         self.tables = place_tables(
             self.model,
             config,
             self.dir / "tables",
             self.device,
-            fresh=manifest is None,
             sharding=self._sharding(),
             stores=saved_entries((manifest or {}).get("tables")),
         )
@@ -413,6 +413,10 @@ def train(
         val = run.curve[-1][1] if done else run.validate_now()
         run.save()
         run.world.barrier()  # no rank tears its connections down while another still uses them
+    except OSError as e:
+        if disk_full(e):  # e.g. a live disk table's new rows (a checkpoint says so itself)
+            raise _no_space(run, e) from e
+        raise
     finally:
         if ahead is not None and ahead.exception() is None:  # pinned, never trained: release
             run.tables.release(ahead.result()[1])
@@ -445,6 +449,17 @@ def _progress(run: Run) -> tqdm:
     )
 
 
+def _no_space(run: Run, e: OSError) -> ValueError:
+    where = f" ({e.filename})" if e.filename else ""
+    last = "no checkpoint was written yet"
+    if run.saved:
+        last = f"the last complete checkpoint ({run.saved[1].name}) is intact"
+    return ValueError(
+        f"no space left on the device{where} while training step {run.step + 1}; {last}: free "
+        "space, then resume (--resume)"
+    )
+
+
 def _local_batch(config: TrainConfig, world: World) -> int:
     """Each rank's share of the global batch."""
     if config.batch_size % world.size:
@@ -456,6 +471,29 @@ def _local_batch(config: TrainConfig, world: World) -> int:
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tables", "tensorboard")
+
+
+def _trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop, on resume, the metrics of steps after the one resumed from (the run that died
+    wrote them; they are about to be written again) and a line a kill cut short, so the file
+    reads as one uninterrupted run. Replaced atomically: a crash here leaves the old file."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        at = record.get("step") if isinstance(record, dict) else None
+        if isinstance(at, int) and at <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(kept))
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(run_dir)
 
 
 def _claim(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from engram.checkpoint import FILES, file_digests, verify_files
+from engram.checkpoint import FILES, file_digests, seal, unseal, verify_files
 from engram.files import fsync_dir, fsync_file
 from engram.module import HashedMemory, RowSource
 from engram.rowinit import RowInit
@@ -241,7 +241,7 @@ def save_quantized(
         for name, store in stores.items():
             store.save(tmp / entries[name]["file"])  # fsynced by QuantizedStore.save
         manifest[FILES] = file_digests(tmp)  # checked by `load_quantized` before any read
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(seal(manifest), indent=2) + "\n")
         fsync_file(tmp / MANIFEST)
         fsync_dir(tmp)
         if folder.exists():
@@ -259,10 +259,11 @@ def read_quantized_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder} is not a quantised-tables folder: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a quantised-tables manifest")
+    unseal(manifest, str(path))
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has version {manifest.get('version')!r}, expected 1")
     tables = manifest.get("tables")

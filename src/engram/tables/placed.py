@@ -172,7 +172,6 @@ class PlacedTables:
         folder: str | Path,
         device: str | torch.device = "cpu",
         betas: tuple[float, float] = (0.9, 0.999),
-        fresh: bool = True,
         read_only: bool = False,
         sharding: ShardGroup | None = None,
         stores: Collection[str] = (),
@@ -197,14 +196,12 @@ class PlacedTables:
                     if memory.table is not None and memory.table.weight.is_meta:
                         memory.materialize_table()
                     continue
-                self._place(memory, entry, betas, fresh)
+                self._place(memory, entry, betas)
         except BaseException:
             self.close()
             raise
 
-    def _place(
-        self, memory: HashedMemory, entry: TablePlacement, betas: tuple, fresh: bool
-    ) -> None:
+    def _place(self, memory: HashedMemory, entry: TablePlacement, betas: tuple) -> None:
         name = self.file_name(table_name(memory.layer_id))
         kind = entry.optimizer
         optimizer = make_row_optimizer(kind, **({"betas": betas} if kind == "adam" else {}))
@@ -213,7 +210,7 @@ class PlacedTables:
             shards = RowShards(num_rows, self.sharding.world)
             start, num_rows = shards.start(self.sharding.rank), shards.size(self.sharding.rank)
         layout = optimizer.layout(num_rows, memory.spec.row_dim)
-        store = self._store(name, entry, layout, memory.init.shard(start), fresh)
+        store = self._store(name, entry, layout, memory.init.shard(start))
         if entry.cache_rows:
             store = CachedStore(store, capacity=min(entry.cache_rows, layout.num_rows))
         if memory.table is not None and not memory.table.weight.is_meta:
@@ -235,7 +232,6 @@ class PlacedTables:
         entry: TablePlacement,
         layout: TableLayout,
         init: RowInit,
-        fresh: bool,
     ) -> RowStore:
         if entry.placement == "device":
             return DeviceStore(layout, init, self.device)
@@ -252,10 +248,11 @@ class PlacedTables:
         folder = self.live_folder(entry)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
-        if path.exists() and not fresh:  # resumed: the checkpoint's rows are restored into it
-            return self._open(path, name, layout, init, False)
+        # A live file left by an earlier process is never read, however it was left (killed
+        # mid-write, damaged, of another run): a resumed run restores a checkpoint's rows into
+        # the new one, and checkpoints hold the rows that count.
         sweep_trash(folder)
-        remove_later(path)  # the live copy of an earlier run: checkpoints hold theirs
+        remove_later(path)
         return DiskStore.create(path, layout, init)
 
     def live_folder(self, entry: TablePlacement) -> Path:
