@@ -64,7 +64,7 @@ def test_resume_continues_exactly(corpus, tmp_path, backbone):
     straight = replace(straight, optim=replace(straight.optim, backbone=backbone))
     train(straight)
     # Rebuild the state of a run that stopped at step 4: drop its step-8 checkpoint.
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns(".trash-*"))
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000008")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-0000004\n")
     resumed = train(replace(straight, out_dir=str(tmp_path / "b")), resume=True)

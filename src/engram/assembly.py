@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engram.config import TrainConfig
+from engram.config import BaseConfig, TrainConfig
 from engram.data import documents, eval_batches, source_fingerprint
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, ModelConfig
@@ -67,19 +67,47 @@ def get_tokenizer(name: str, data: str) -> Tokenizer:
 
 
 def build_model(
-    config: ModelConfig, tok: Tokenizer, tokenizer_path: str
+    config: ModelConfig, tok: Tokenizer, tokenizer_path: str, base: BaseConfig | None = None
 ) -> tuple[EngramLM, HashSpec | None]:
-    """The model for `tok`, with its spec resolved against it (spec.tokenizer = tokenizer_path)."""
+    """The model for `tok`, with its spec resolved against it (spec.tokenizer = tokenizer_path):
+    our own LM, or with `base.path` the pretrained Hugging Face decoder there with Engram
+    attached (`engram.hf.backbone`; `config` then contributes only its Engram settings)."""
+    hf = base is not None and bool(base.path)
+    if hf:
+        from engram.hf.backbone import base_model_config  # transformers: an optional extra
+
+        config = base_model_config(base, config, tok.vocab_size)
     config = config.with_(vocab_size=tok.vocab_size)
-    if config.engram is None:
-        return EngramLM(config), None
-    spec_cfg = replace(config.engram.spec, tokenizer=tokenizer_path)
-    if spec_cfg.pad_id is None or spec_cfg.pad_id >= tok.vocab_size:
-        spec_cfg = replace(spec_cfg, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id)
-    config = config.with_(engram=replace(config.engram, spec=spec_cfg))
-    vocab = compress(tok, enabled=spec_cfg.compress)
-    spec = resolve(spec_cfg, tokenizer=tok, vocab=vocab)
-    return EngramLM(config, spec, NgramHasher(spec, vocab)), spec
+    spec, hasher = None, None
+    if config.engram is not None:
+        spec_cfg = replace(config.engram.spec, tokenizer=tokenizer_path)
+        if spec_cfg.pad_id is None or spec_cfg.pad_id >= tok.vocab_size:
+            spec_cfg = replace(
+                spec_cfg, pad_id=tok.pad_id if tok.pad_id is not None else tok.eos_id
+            )
+        config = config.with_(engram=replace(config.engram, spec=spec_cfg))
+        vocab = compress(tok, enabled=spec_cfg.compress)
+        spec = resolve(spec_cfg, tokenizer=tok, vocab=vocab)
+        hasher = NgramHasher(spec, vocab)
+    if hf:
+        from engram.hf.backbone import HFEngramLM
+
+        return HFEngramLM.build(base, config, spec, hasher, tok), spec
+    return EngramLM(config, spec, hasher), spec
+
+
+def model_tokenizer(config: TrainConfig) -> Tokenizer:
+    """The run's tokenizer: a pretrained backbone's own, else `get_tokenizer`."""
+    if config.base.path:
+        folder = Path(config.base.path)
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"base.path={config.base.path!r} is not a model folder (no config.json)"
+            )
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"base.path={config.base.path!r} holds no tokenizer.json")
+        return load_tokenizer(folder)
+    return get_tokenizer(config.tokenizer, config.data)
 
 
 def place_tables(

@@ -55,8 +55,35 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class BaseConfig:
+    """A pretrained Hugging Face decoder as the backbone (`engram.hf.backbone`), instead of our
+    own LM. Only `model.engram` is then read from the model settings: the rest is the pretrained
+    model's, and the tokenizer is the model's own (`tokenizer` is ignored)."""
+
+    path: str = ""  # a local folder written by save_pretrained ("": our own LM); never downloaded
+    train: str = "all"  # backbone parameters that train: "all", "none", or comma-separated globs
+    dtype: str = "fp32"  # the backbone's weights: "fp32", "bf16", or "auto" (as saved)
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"base.dtype={self.dtype!r} must be fp32, bf16 or auto")
+        if not self.train.strip():
+            raise ValueError("base.train='' must be all, none, or comma-separated name globs")
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The name globs of the trainable backbone parameters (every one for "all")."""
+        if self.train == "none":
+            return ()
+        if self.train == "all":
+            return ("*",)
+        return tuple(p.strip() for p in self.train.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
+    base: BaseConfig = field(default_factory=BaseConfig)  # a pretrained HF backbone (optional)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tables: TablePlan = field(default_factory=TablePlan)  # where each Engram table lives
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # under torchrun only
@@ -81,11 +108,16 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision={self.precision!r} must be auto, bf16 or fp32")
-        if self.seq_len > self.model.max_seq_len:
+        self.base.validate()
+        if self.base.path:  # the model is the pretrained one: checked once it is loaded
+            if self.model.engram is not None:
+                self.model.engram.validate()
+        elif self.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
-        self.model.validate()
+        else:
+            self.model.validate()
         self.optim.validate()
         self.tables.validate()
         self.parallel.validate()

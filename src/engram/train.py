@@ -32,7 +32,7 @@ from engram.assembly import (
     autocast_for,
     build_model,
     evaluate,
-    get_tokenizer,
+    model_tokenizer,
     pick_device,
     place_tables,
     to_device,
@@ -133,14 +133,14 @@ class Run:
         one process holds them, before a plan shards them); returns that checkpoint's manifest."""
         config, world = self.config, self.world
         with world.main_first():  # rank 0 trains (and caches) a BPE; the others read it
-            tok = get_tokenizer(config.tokenizer, config.data)
+            tok = model_tokenizer(config)
         if world.main:
             tok.save(self.dir / "tokenizer.json")
         self.tokenizer = tok
         # The spec names the run's own tokenizer file relative to the run folder, so a run can
         # be moved or copied and still resume (its fingerprint is what identifies it).
         with lazy_tables():  # the plan decides where each table is allocated
-            self.model, self.spec = build_model(config.model, tok, "tokenizer.json")
+            self.model, self.spec = build_model(config.model, tok, "tokenizer.json", config.base)
         manifest = self._compatible_checkpoint() if resume else None
         # A table the checkpoint saved from a row store (e.g. sharded by another world size)
         # stays in one.

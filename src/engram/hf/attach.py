@@ -41,7 +41,13 @@ from tokenizers import Tokenizer as BackendTokenizer
 from torch import nn
 
 from engram.hashing import NgramHasher
-from engram.hf.decoding import PreparedChunk, engram_output, prepare_chunk, state_for
+from engram.hf.decoding import (
+    PreparedChunk,
+    engram_output,
+    hashed_chunk,
+    prepare_chunk,
+    state_for,
+)
 from engram.module import Engram, EngramConfig
 from engram.spec import HashSpec
 from engram.tokenizer import Tokenizer, load_tokenizer
@@ -85,6 +91,9 @@ class EngramAttachment:
         self.base = model.model
         self.modules: dict[int, Engram] = {}
         self._chunk: PreparedChunk | None = None
+        # Set by a caller that hashed the batch itself (the trainer's loader), or switched off.
+        self.given_rows: dict[int, torch.Tensor] | None = None
+        self.off = False
         self._signature = inspect.signature(self.base.forward)
         self._handles = [
             self.base.register_forward_pre_hook(self._before_model, with_kwargs=True),
@@ -92,8 +101,7 @@ class EngramAttachment:
         ]
         for layer in layers:
             block = self.base.layers[layer]
-            param = next(p for p in block.parameters() if p.is_floating_point())
-            block.engram = Engram(spec, layer, config).to(device=param.device, dtype=param.dtype)
+            block.engram = _follow(Engram(spec, layer, config), block)
             self.modules[layer] = block.engram
             hook = block.register_forward_pre_hook(self._before_layer, with_kwargs=True)
             self._handles.append(hook)
@@ -112,11 +120,16 @@ class EngramAttachment:
     # ---- hooks -----------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = self._by_name(args, kwargs)
+        if self.off:
+            return (), kwargs
         ids = kwargs.get("input_ids")
         if ids is None:
             raise ValueError(
                 "a model with Engram hashes token ids: call it with input_ids, not inputs_embeds"
             )
+        if self.given_rows is not None:  # hashed by the caller: a training batch, no cache
+            self._chunk = hashed_chunk(self.hasher, ids, self.given_rows, self.layers)
+            return (), kwargs
         cache = self._cache_for(module, kwargs)
         state = None
         if cache is not None:  # (not `if cache`: an empty cache has length 0)
@@ -129,6 +142,8 @@ class EngramAttachment:
         self._chunk = None
 
     def _before_layer(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.off:
+            return args, kwargs
         if self._chunk is None:
             raise ValueError("a decoder layer with Engram runs only inside the model's forward")
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -163,6 +178,19 @@ class EngramAttachment:
         if cache is not None:
             kwargs["cache"] = cache
         return cache
+
+
+def _follow(engram: Engram, block: nn.Module) -> Engram:
+    """`engram` on its decoder layer's device and dtype. A table still on the meta device (built
+    under `lazy_tables()`, for a placement plan to allocate) stays there."""
+    param = next(p for p in block.parameters() if p.is_floating_point())
+    lazy = engram.table if engram.table is not None and engram.table.weight.is_meta else None
+    if lazy is not None:
+        engram.table = None
+    engram.to(device=param.device, dtype=param.dtype)
+    if lazy is not None:
+        engram.table = lazy
+    return engram
 
 
 # ---- public API ----------------------------------------------------------------------------------

@@ -190,6 +190,16 @@ def prepare_chunk(
     return PreparedChunk(rows, real, order, pads, starts, state)
 
 
+def hashed_chunk(
+    hasher: NgramHasher, ids: torch.Tensor, rows: dict[int, torch.Tensor], layers: tuple[int, ...]
+) -> PreparedChunk:
+    """A chunk whose rows were hashed already (a training batch's, by the data loader, exactly
+    as `prepare_chunk` would): no pads and no cache; documents start after each EOS."""
+    real = torch.ones_like(ids, dtype=torch.bool)
+    starts = document_starts(ids, hasher.spec.eos_id, real, None)
+    return PreparedChunk({layer: rows[layer] for layer in layers}, real, None, None, starts, None)
+
+
 def engram_output(engram: Engram, hidden: torch.Tensor, chunk: PreparedChunk) -> torch.Tensor:
     """Engram's output for hidden [B, T, d] in the caller's order, zero at pads."""
     device = hidden.device
@@ -230,6 +240,7 @@ __all__ = [
     "PreparedChunk",
     "adopt",
     "engram_output",
+    "hashed_chunk",
     "prepare_chunk",
     "state_for",
 ]

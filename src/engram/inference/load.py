@@ -68,13 +68,15 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
     if tok.fingerprint != manifest["tokenizer_fingerprint"]:
         raise ValueError(f"{tok_path} is not the tokenizer this checkpoint was trained with")
     config = from_dict(TrainConfig, manifest["config"])
-    check_affordable(config.model.with_(vocab_size=tok.vocab_size), config.tables, manifest)
+    check_affordable(
+        config.model.with_(vocab_size=tok.vocab_size), config.tables, manifest, config.base.path
+    )
     spec_tokenizer = (manifest["spec"] or {}).get("tokenizer", str(tok_path))
     # Seeded as the run was, so that each table's init (which untouched rows of a placed table
     # read as) is the run's; the caller's RNG is left as it was.
     with torch.random.fork_rng(devices=[]), lazy_tables():
         torch.manual_seed(config.seed)
-        model, spec = build_model(config.model, tok, spec_tokenizer)
+        model, spec = build_model(config.model, tok, spec_tokenizer, config.base)
     if spec is not None and spec.to_dict() != manifest["spec"]:
         raise ValueError("the checkpoint's hash spec does not match what its config derives")
     target = pick_device(device)
@@ -95,11 +97,20 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
     return Trained(model, tables, tok, spec, config, manifest)
 
 
-def check_affordable(model: ModelConfig, plan: TablePlan, manifest: dict[str, Any]) -> None:
+def check_affordable(
+    model: ModelConfig, plan: TablePlan, manifest: dict[str, Any], base: str = ""
+) -> None:
     """Refuse, before anything is built, a checkpoint whose config describes more weights than
     its weights file holds (a hostile or mismatched config.json would otherwise allocate them,
-    terabytes perhaps), or tables the plan holds in memory that exceed the free RAM."""
+    terabytes perhaps), or tables the plan holds in memory that exceed the free RAM. A run on a
+    pretrained `base` is built from that model's own folder: only its tables are counted."""
     ckpt = Path(manifest["path"])
+    if not base:
+        _check_weights(model, ckpt, manifest)
+    _check_tables(model, plan, ckpt)
+
+
+def _check_weights(model: ModelConfig, ckpt: Path, manifest: dict[str, Any]) -> None:
     counts = count_params_from_config(model)
     dense = 4 * (counts.p_tot - counts.engram_tables + counts.embedding + counts.head)
     record = manifest.get(FILES, {}).get("model.safetensors", {})
@@ -111,6 +122,9 @@ def check_affordable(model: ModelConfig, plan: TablePlan, manifest: dict[str, An
             f"checkpoint {ckpt}: its config describes {dense / 1e9:.3g} GB of weights, its "
             f"model.safetensors holds {weights / 1e9:.3g} GB"
         )
+
+
+def _check_tables(model: ModelConfig, plan: TablePlan, ckpt: Path) -> None:
     if model.engram is None:
         return
     spec = model.engram.spec
