@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from engram.assembly import get_tokenizer
 from engram.checkpoint import read_manifest
 from engram.cli import main
+from engram.hf.tiny import main as tiny_main
 from engram.inference import SamplingConfig, generate
 from engram.inference.load import load_trained
 
@@ -168,9 +169,23 @@ def test_bad_input_is_one_line(capsys, corpus, base, tmp_path):
     user_error(capsys, ["train", *_argv(corpus, base, out, layers)], "outside", "3 layers")
     user_error(capsys, ["train", *_argv(corpus, base, out, "base.train=nothing.*")], "names no")
     gpt2 = save_base(tmp_path / "gpt2", corpus, "gpt2")
-    user_error(capsys, ["train", *_argv(corpus, gpt2, out)], "GPT2LMHeadModel", "supported")
+    user_error(capsys, ["train", *_argv(corpus, gpt2, out)], "GPT2LMHeadModel", "not a family")
     no_tok = tmp_path / "no-tok"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((base / name).read_bytes())
     user_error(capsys, ["train", *_argv(corpus, no_tok, out)], "no tokenizer.json")
+
+
+def test_the_readme_commands_run(corpus, tmp_path):
+    """The README's two lines: make a small HF Llama, then train it with the recipe."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "python -m engram.hf.tiny runs/hf-base" in readme
+    assert "engram train --recipe recipes/hf-llama.toml" in readme
+    folder = tmp_path / "hf-base"
+    tiny_main([str(folder), "--tokenizer", "bpe:400", "--data", str(corpus), "--layers", "2"])
+    recipe = str(Path(__file__).parent.parent / "recipes" / "hf-llama.toml")
+    overrides = [f"base.path={folder}", f"data={corpus}", f"out_dir={tmp_path / 'run'}"]
+    overrides += ["steps=2", "eval_every=2", "eval_tokens=1024", "seq_len=32", "progress=false"]
+    summary = _summary(["train", "--recipe", recipe, *overrides])
+    assert summary["steps"] == 2 and summary["val_loss"] < 7  # a 400-id vocabulary: ln 400 = 6

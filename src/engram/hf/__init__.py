@@ -2,13 +2,13 @@
 
 - `EngramForCausalLM` / `EngramHFConfig`: our LM as a `PreTrainedModel`,
   with `save_pretrained` / `from_pretrained` and exact cached `generate()`.
-- `add_engram(model, spec, tokenizer, layers=...)`: Engram memory attached to an existing Llama,
-  Qwen2, Qwen3 or Mistral model, with its N-gram history and conv windows in the model's cache;
-  `save_engram` / `load_engram` keep the added parameters apart from the base weights.
+- `add_engram(model, spec, tokenizer, layers=...)`: Engram memory attached to an existing decoder
+  of a verified family (`engram.hf.families`), with its N-gram history and conv windows in the
+  model's cache; `save_engram` / `load_engram` keep the added parameters apart from the base
+  weights. `engram.hf.backbone`: such a model trained through `engram train` (`base.path`).
 """
 
 from engram.hf.attach import (
-    SUPPORTED,
     EngramAttachment,
     add_engram,
     as_engram_tokenizer,
@@ -22,7 +22,6 @@ from engram.hf.attach import (
 from engram.hf.causal_lm import EngramCache, EngramForCausalLM, EngramHFConfig
 
 __all__ = [
-    "SUPPORTED",
     "EngramAttachment",
     "EngramCache",
     "EngramForCausalLM",

@@ -1,4 +1,4 @@
-"""Add Engram memory to a Hugging Face decoder (Llama, Qwen2, Qwen3, Mistral) without editing it.
+"""Add Engram memory to a Hugging Face decoder of a verified family without editing its code.
 
 Paper section 2.4 (arXiv 2601.07372): Engram sits before attention in chosen blocks,
 `x = x + Engram(x, rows)`, with rows from hashing the token ids' suffix N-grams. A Hugging Face
@@ -48,25 +48,18 @@ from engram.hf.decoding import (
     prepare_chunk,
     state_for,
 )
+from engram.hf.families import check_family
 from engram.module import Engram, EngramConfig
 from engram.spec import HashSpec
 from engram.tokenizer import Tokenizer, load_tokenizer
 from engram.vocab import compress
 
 try:
-    from transformers import (
-        DynamicCache,
-        LlamaForCausalLM,
-        MistralForCausalLM,
-        PreTrainedModel,
-        Qwen2ForCausalLM,
-        Qwen3ForCausalLM,
-    )
+    from transformers import DynamicCache, PreTrainedModel
     from transformers.cache_utils import Cache
 except ImportError as e:  # pragma: no cover - the `hf` extra is missing
     raise ImportError("engram.hf needs transformers: pip install 'engram-lm[hf]'") from e
 
-SUPPORTED = (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM)
 FORMAT_VERSION = 1
 WEIGHTS_FILE, META_FILE = "engram.safetensors", "engram.json"
 # Each model's attachment, kept beside the model rather than set on it (the attachment holds
@@ -219,10 +212,11 @@ def as_engram_tokenizer(tokenizer: Tokenizer | Any) -> Tokenizer:
     return Tokenizer(clean, name, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
 
 
-def _check_target(model: PreTrainedModel, spec: HashSpec, layers: tuple[int, ...]) -> None:
-    if not isinstance(model, SUPPORTED):
-        names = ", ".join(c.__name__ for c in SUPPORTED)
-        raise ValueError(f"add_engram supports {names}; got {type(model).__name__}")
+def _check_target(
+    model: PreTrainedModel, spec: HashSpec, layers: tuple[int, ...], verified_only: bool
+) -> None:
+    if verified_only:
+        check_family(model)
     if model in _ATTACHED:
         raise ValueError("this model already has Engram attached")
     n = len(model.model.layers)
@@ -250,6 +244,7 @@ def add_engram(
     layers: Sequence[int] | None = None,
     config: EngramConfig | None = None,
     identity_init: bool = True,
+    verified_only: bool = True,
 ) -> EngramAttachment:
     """Attach an Engram before attention in `layers` (default: the spec's) of a decoder.
 
@@ -257,11 +252,12 @@ def add_engram(
     the spec's. `config` sets the module's switches (hidden size: the model's, one branch).
     `identity_init` zeroes the value projection, so the attached model computes exactly what
     the base model did until it is trained (the paper trains from scratch and is silent on
-    this); False keeps the demo's initialisation. Returns the attachment, also what
-    `get_attachment(model)` returns.
+    this); False keeps the demo's initialisation. `verified_only=False` skips the check that
+    the model's family is one Engram is verified on (`engram.hf.families`), for checking a new
+    one. Returns the attachment, also what `get_attachment(model)` returns.
     """
     layers = tuple(spec.layer_ids if layers is None else layers)
-    _check_target(model, spec, layers)
+    _check_target(model, spec, layers, verified_only)
     tok = as_engram_tokenizer(tokenizer)
     if tok.fingerprint != spec.tokenizer_fingerprint:
         raise ValueError(
@@ -360,7 +356,10 @@ def _read_meta(folder: Path) -> tuple[dict[str, Any], HashSpec, EngramConfig]:
 
 
 def load_engram(
-    model: PreTrainedModel, directory: str | Path, tokenizer: Tokenizer | Any
+    model: PreTrainedModel,
+    directory: str | Path,
+    tokenizer: Tokenizer | Any,
+    verified_only: bool = True,
 ) -> EngramAttachment:
     """Attach (unless attached already) and load what `save_engram` wrote.
 
@@ -378,7 +377,7 @@ def load_engram(
     layers = tuple(meta["layers"])
     attachment = _ATTACHED.get(model)
     if attachment is None:
-        attachment = add_engram(model, spec, tok, layers, config)
+        attachment = add_engram(model, spec, tok, layers, config, verified_only=verified_only)
     elif attachment.spec != spec:
         raise ValueError(f"the saved spec ({spec.digest}) differs from the attached one")
     elif attachment.layers != layers:
@@ -409,7 +408,6 @@ def _load_weights(attachment: EngramAttachment, path: Path) -> None:
 
 
 __all__ = [
-    "SUPPORTED",
     "EngramAttachment",
     "add_engram",
     "as_engram_tokenizer",

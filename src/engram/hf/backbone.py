@@ -9,6 +9,7 @@ attachment and answers to the interface the trainer drives `EngramLM` through:
     config, spec, hasher        the run's ModelConfig (derived from the pretrained config, with
                                 the run's Engram settings), the hash spec and its hasher
     engram_layers               the attached Engram modules, for the table plan to place
+    blocks                      the decoder layers, which FSDP shards one by one
     moe_layers, update_route_biases()   none: a pretrained MoE balances itself
     register_rows_hook(hook)    a placement starts fetching rows once a forward has them
 
@@ -33,7 +34,8 @@ from torch.utils.hooks import RemovableHandle
 
 from engram.config import BaseConfig
 from engram.hashing import NgramHasher
-from engram.hf.attach import SUPPORTED, EngramAttachment, add_engram
+from engram.hf.attach import EngramAttachment, add_engram
+from engram.hf.families import VERIFIED, check_family
 from engram.model import ModelConfig
 from engram.module import EngramConfig, HashedMemory
 from engram.spec import HashSpec
@@ -59,11 +61,12 @@ def base_model_config(base: BaseConfig, settings: ModelConfig, vocab_size: int) 
         hf = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"base.path={base.path!r}: cannot read its config.json: {e}") from e
-    supported = {cls.config_class.model_type: cls for cls in SUPPORTED}
-    if hf.model_type not in supported:
+    if hf.model_type not in VERIFIED:  # before reading its shape: a family may name it otherwise
         found = (getattr(hf, "architectures", None) or [hf.model_type])[0]
-        names = ", ".join(c.__name__ for c in SUPPORTED)
-        raise ValueError(f"{base.path} holds a {found}; supported: {names}")
+        raise ValueError(
+            f"{base.path} holds a {found} (model_type {hf.model_type!r}), not a family Engram "
+            "is verified on (engram.hf.families.VERIFIED, docs/hf.md)"
+        )
     heads = hf.num_attention_heads
     config = replace(
         settings,
@@ -96,9 +99,7 @@ def load_base(base: BaseConfig) -> PreTrainedModel:
         )
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"base.path={base.path!r}: cannot load the model: {e}") from e
-    if not isinstance(model, SUPPORTED):
-        names = ", ".join(c.__name__ for c in SUPPORTED)
-        raise ValueError(f"{base.path} holds a {type(model).__name__}; supported: {names}")
+    check_family(model)
     return model
 
 
@@ -149,6 +150,11 @@ class HFEngramLM(nn.Module):
         if self.attachment is None:
             return []
         return [self.attachment.modules[layer] for layer in sorted(self.attachment.modules)]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers: the units a data-parallel plan shards (`engram.parallel`)."""
+        return self.hf.model.layers
 
     @property
     def moe_layers(self) -> list[nn.Module]:
