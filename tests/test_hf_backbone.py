@@ -12,21 +12,27 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from small_runs import BASE
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engram.assembly import get_tokenizer
-from engram.checkpoint import read_manifest
+from engram.checkpoint import read_manifest, write_manifest
 from engram.cli import main
+from engram.hf.attach import load_engram
+from engram.hf.export import load_merged
 from engram.hf.tiny import main as tiny_main
 from engram.inference import SamplingConfig, generate
 from engram.inference.load import load_trained
+from engram.tokenizer import load_tokenizer
 
 IN_FLIGHT = shutil.ignore_patterns(".trash-*")  # deletions still running in the background
 RUN = [a for a in BASE if not a.startswith("tokenizer=")] + ["steps=6", "eval_every=3"]
@@ -95,6 +101,7 @@ PLACEMENTS = {
     "device": [],
     "host": ["tables.placement=host"],
     "disk+cache": ["tables.placement=disk", "tables.cache_rows=2048"],
+    "host, backbone frozen": ["tables.placement=host", "base.train=none"],  # left out of ckpts
 }
 
 
@@ -137,20 +144,42 @@ def test_eval_and_generate_a_run_on_a_pretrained_model(corpus, base, tmp_path):
     assert main(["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
 
 
-def test_base_train_freezes_what_it_does_not_name(corpus, base, tmp_path):
+def _trained_state(out: Path) -> dict[str, torch.Tensor]:
+    trained = load_trained(out, device="cpu")
+    return {k: v.clone() for k, v in trained.model.state_dict().items()}
+
+
+def test_base_train_freezes_what_it_does_not_name(capsys, corpus, base, tmp_path):
+    """Frozen weights stay as pretrained and stay out of the checkpoints, which record the
+    base folder's digests instead and refuse to load once it has changed."""
     before = load_file(str(base / "model.safetensors"))
     out = tmp_path / "frozen"
     _summary(["train", *_argv(corpus, base, out, "base.train=none")])
-    after = _weights(out)
+    saved = _weights(out)
+    assert saved and all(".engram." in k for k in saved)  # the trained weights only
+    after = _trained_state(out)
     for name, value in before.items():
         assert torch.equal(after[f"hf.{name}"], value), name  # the backbone as pretrained
     engram = [k for k in after if ".engram." in k and "value_proj.weight" in k]
     assert engram and all(after[k].abs().sum() > 0 for k in engram)  # Engram trained
     out = tmp_path / "some"
     _summary(["train", *_argv(corpus, base, out, "base.train=model.layers.2.*")])
-    after = _weights(out)
+    assert {k for k in _weights(out) if ".engram." not in k} == {
+        f"hf.{k}" for k in before if k.startswith("model.layers.2.")
+    }
+    after = _trained_state(out)
     changed = {k for k, v in before.items() if not torch.equal(after[f"hf.{k}"], v)}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
+    # The base folder changes (a fine-tune saved over it): the run no longer loads.
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)
+    state = load_file(str(moved / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"] + 1
+    save_file(state, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    manifest = json.loads((Path(read_manifest(out)["path"]) / "manifest.json").read_text())
+    manifest["base"]["path"] = str(moved)
+    write_manifest(Path(read_manifest(out)["path"]), manifest)
+    user_error(capsys, ["eval", "--ckpt", str(out)], "model.safetensors changed since")
 
 
 def user_error(capsys, argv: list[str], *needles: str) -> None:
@@ -189,3 +218,62 @@ def test_the_readme_commands_run(corpus, tmp_path):
     overrides += ["steps=2", "eval_every=2", "eval_tokens=1024", "seq_len=32", "progress=false"]
     summary = _summary(["train", "--recipe", recipe, *overrides])
     assert summary["steps"] == 2 and summary["val_loss"] < 7  # a 400-id vocabulary: ln 400 = 6
+
+
+@pytest.mark.parametrize("dense", ["fsdp", "ddp"])
+def test_a_pretrained_model_trains_on_two_ranks_as_on_one(corpus, base, tmp_path, dense):
+    """torchrun, 2 ranks (gloo): each decoder layer sharded (FSDP2) or replicated (DDP), the
+    Engram table sharded by rows; every step's loss within 1e-5 of one process."""
+    steps = ["steps=8", "log_every=1", "optim.warmup_steps=50", f"parallel.dense={dense}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    losses = []
+    for ranks, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        train = ["-m", "engram", "train", *_argv(corpus, base, out, *steps)]
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        cmd = [sys.executable, *(launch if ranks > 1 else []), *train]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in records if "loss" in r])
+        assert {r["world_size"] for r in records} == {ranks}
+    assert len(losses[0]) == len(losses[1]) == 8
+    for one, two in zip(*losses, strict=True):
+        assert abs(one - two) <= 1e-5 * abs(one), losses
+
+
+@pytest.mark.parametrize("placement", ["device", "disk+cache"])
+def test_export_the_engram_or_a_merged_model_and_load_it_back_exactly(
+    capsys, corpus, base, tmp_path, placement
+):
+    """`engram export`: the Engram alone (tables as placed: a disk table stays one) attaches
+    to the pretrained model it was trained on; a merged folder loads with one call. Both give
+    the trained run's logits exactly, and the merged model generates with its cache what full
+    forwards give."""
+    frozen, joint = tmp_path / "frozen", tmp_path / "joint"
+    extra = PLACEMENTS[placement]
+    _summary(["train", *_argv(corpus, base, frozen, "base.train=none", *extra)])
+    _summary(["train", *_argv(corpus, base, joint, *extra)])
+    ids = torch.tensor([list(range(3, 40))])
+    assert main(["export", "--ckpt", str(frozen), "--out", str(tmp_path / "engram")]) == 0
+    assert (tmp_path / "engram" / "tables").is_dir() == (placement != "device")
+    model = LlamaForCausalLM.from_pretrained(base)
+    load_engram(model, tmp_path / "engram", load_tokenizer(base))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, load_trained(frozen).model(ids))
+    assert main(["export", "--ckpt", str(joint), "--out", str(tmp_path / "m"), "--merged"]) == 0
+    merged = load_merged(tmp_path / "m")
+    trained = load_trained(joint).model
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, trained(ids))
+        made = merged.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+        full = ids[:, :8]
+        for _ in range(6):
+            full = torch.cat([full, trained(full)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(made, full)
+    user_error(capsys, ["export", "--ckpt", str(joint), "--out", str(tmp_path / "m")], "exists")
+    weights = tmp_path / "engram" / "engram.safetensors"  # every file is checked on load
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"engram\.safetensors is damaged"):
+        load_engram(LlamaForCausalLM.from_pretrained(base), weights.parent, load_tokenizer(base))

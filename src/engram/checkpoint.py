@@ -113,20 +113,23 @@ def _restore_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict, met
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _save_model(model: torch.nn.Module, path: Path, distributed: bool, main: bool) -> None:
+def _save_model(
+    model: torch.nn.Module, path: Path, distributed: bool, main: bool, leave_out: Collection[str]
+) -> None:
     """`safetensors.torch.save_model`'s file, at any world size: several ranks gather the whole
     state dict through torch.distributed.checkpoint (a collective), rank 0 writes it. Tied
-    weights are stored once under the name save_model keeps."""
+    weights are stored once under the name save_model keeps; `leave_out` names are not stored."""
     if distributed:  # {} on ranks > 0; a tensor may view a larger gathered buffer: own it
         state = {k: v.clone() for k, v in get_model_state_dict(model, options=_WHOLE).items()}
     else:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if not main:
         return
+    state = {name: value for name, value in state.items() if name not in leave_out}
     by_param: dict[int, str] = {}  # tied names: one tensor, so that their storage is shared
     for name, param in model.named_parameters(remove_duplicate=False):
         first = by_param.setdefault(id(param), name)
-        if first != name and first in state:
+        if first != name and first in state and name not in leave_out:
             state[name] = state[first]
     metadata = {}
     for kept, removed in _remove_duplicate_names(state).items():
@@ -161,6 +164,8 @@ def save_checkpoint(
 ) -> Path:
     """Write `root/step-XXXXXXX` atomically and durably (`commit`); keep the newest `keep`.
 
+    A manifest with a `base` entry (`base_entry`: the weights a pretrained model's folder
+    provides, frozen, and that folder's digests) leaves those weights out of the checkpoint.
     Each attachment `name: write` is called with the folder `<checkpoint>/name` (not yet
     created) while the checkpoint is still temporary; what it returns goes into the manifest
     under `name`, so the attached files are committed by the same rename as the weights.
@@ -171,7 +176,8 @@ def save_checkpoint(
     rank = dist.get_rank() if distributed else 0
 
     def write(tmp: Path) -> dict[str, Any]:
-        _save_model(model, tmp / "model.safetensors", distributed, rank == 0)
+        left_out = set((manifest.get(BASE) or {}).get("left_out", ()))
+        _save_model(model, tmp / "model.safetensors", distributed, rank == 0, left_out)
         tensors, meta = {}, {}
         for name, opt in optimizers.items():
             t, m = _optimizer_tensors(name, opt, model, distributed)
@@ -345,6 +351,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 FILES = "files"  # the manifest's record of every other file: its size and SHA-256
+BASE = "base"  # weights left to a pretrained model's folder, and its digests (`base_entry`)
 SELF_DIGEST = "manifest_sha256"  # the SHA-256 of the manifest's other keys (`_json_digest`)
 
 
@@ -357,10 +364,15 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
         rel = path.relative_to(folder).as_posix()
         if rel == "manifest.json":
             continue
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        out[rel] = {"bytes": path.stat().st_size, "sha256": digest}
+        out[rel] = file_digest(path)
     return out
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of one file, as manifests record it."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
 
 
 def verify_files(manifest: dict[str, Any]) -> None:
@@ -370,17 +382,26 @@ def verify_files(manifest: dict[str, Any]) -> None:
     digests were recorded are accepted as they are."""
     ckpt = Path(manifest["path"])
     files = manifest.get(FILES)
-    if files is None:
-        return
+    if files is not None:
+        check_digests(ckpt, files, f"checkpoint {ckpt}", "is damaged")
+    base = manifest.get(BASE)
+    if base:  # the weights it left out, in the pretrained model's folder: unchanged since?
+        where = f"base model {base['path']} (this checkpoint holds only the weights it trained)"
+        check_digests(Path(base["path"]), base["files"], where, "changed since the run saved")
+
+
+def check_digests(folder: Path, files: Any, label: str, changed: str) -> None:
+    """ValueError naming the first of `files` ({rel: {bytes, sha256}}) under `folder` that is
+    missing, of another size or another SHA-256; names outside `folder` are refused first."""
     if not isinstance(files, dict):
-        raise ValueError(f"checkpoint {ckpt} has a manifest whose {FILES!r} is not an object")
+        raise ValueError(f"{label}: its record of files is not an object")
     for rel, record in files.items():
-        path = _inside(ckpt, rel)
+        path = _inside(folder, rel)
         if not path.is_file():
-            raise ValueError(f"checkpoint {ckpt}: {rel} is missing")
+            raise ValueError(f"{label}: {rel} is missing")
         if not isinstance(record, dict) or path.stat().st_size != record.get("bytes"):
             raise ValueError(
-                f"checkpoint {ckpt}: {rel} has {path.stat().st_size} bytes, the manifest "
+                f"{label}: {rel} has {path.stat().st_size} bytes, the manifest "
                 f"says {record.get('bytes') if isinstance(record, dict) else record!r} "
                 "(truncated or replaced)"
             )
@@ -388,9 +409,19 @@ def verify_files(manifest: dict[str, Any]) -> None:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest != record.get("sha256"):
             raise ValueError(
-                f"checkpoint {ckpt}: {rel} is damaged (its SHA-256 differs from the one "
-                "recorded when it was written)"
+                f"{label}: {rel} {changed} (its SHA-256 differs from the one recorded when "
+                "it was written)"
             )
+
+
+def base_entry(folder: str | Path, left_out: Collection[str]) -> dict[str, Any]:
+    """A manifest's `base` entry: the weights `left_out` of its checkpoints (a pretrained
+    model's frozen ones), and the digests of the folder that provides them (its config and
+    safetensors files), checked before they are loaded again."""
+    folder = Path(folder)
+    names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
+    files = {name: file_digest(folder / name) for name in names}
+    return {"path": str(folder), "files": files, "left_out": sorted(left_out)}
 
 
 def _inside(folder: Path, rel: str) -> Path:
@@ -499,6 +530,8 @@ def load_checkpoint(
         shapes = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ValueError(f"checkpoint {ckpt} does not fit this model: {shapes}") from e
     unexpected = [name for name in unexpected if name not in elsewhere]
+    provided = set((manifest.get(BASE) or {}).get("left_out", ()))  # built from the base folder
+    missing = [name for name in missing if name not in provided]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:5]}, "

@@ -180,6 +180,14 @@ def _install_tables(model, folder: str) -> dict:
     return {"folder": str(folder), **summary(meta)}
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from engram.hf.export import export_run
+
+    out = export_run(args.ckpt, args.out, merged=args.merged)
+    kind = "merged model" if args.merged else "Engram"
+    print(f"exported the {kind} of {args.ckpt} to {out}")
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from engram.inference.load import load_trained
     from engram.inference.quantized import (
@@ -403,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--device", default="cpu", help="where to load and convert the tables")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="a run on a pretrained HF model: its Engram, or merged")
+    p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the new folder")
+    p.add_argument("--merged", action="store_true", help="with the trained backbone and tokenizer")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="continue prompts with a trained model (cached decoding)")
     p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")

@@ -38,7 +38,9 @@ from engram.assembly import (
     to_device,
 )
 from engram.checkpoint import (
+    BASE,
     LATEST,
+    base_entry,
     embedded_rows,
     load_checkpoint,
     load_optimizers,
@@ -153,6 +155,11 @@ class Run:
             stores=saved_entries((manifest or {}).get("tables")),
         )
         self.model.to(self.device)
+        # A pretrained backbone's frozen weights stay in its folder, not in every checkpoint.
+        frozen = [name for name, p in self.model.named_parameters() if not p.requires_grad]
+        self.base = None
+        if config.base.path and frozen and world.main:
+            self.base = base_entry(config.base.path, frozen)
         self.unembedded: dict[str, tuple[str, int]] = {}
         if manifest is not None:
             self.unembedded = self._embedded_in(manifest)
@@ -214,6 +221,7 @@ class Run:
             "loader": self.loader.state_dict(after=self.last_batch),
             "tokens_seen": self.tokens_seen,
             "curve": self.curve,
+            **({BASE: self.base} if self.base else {}),
         }
 
     def _compatible_checkpoint(self) -> dict[str, Any] | None:

@@ -31,15 +31,19 @@ import inspect
 import json
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer as BackendTokenizer
 from torch import nn
 
+from engram.checkpoint import FILES, check_digests, file_digest, seal, unseal
+from engram.config import from_dict
+from engram.files import fsync_dir, fsync_file, save_tensors
 from engram.hashing import NgramHasher
 from engram.hf.decoding import (
     PreparedChunk,
@@ -49,8 +53,12 @@ from engram.hf.decoding import (
     state_for,
 )
 from engram.hf.families import check_family
-from engram.module import Engram, EngramConfig
+from engram.module import Engram, EngramConfig, lazy_tables
+from engram.rowinit import RowInit
 from engram.spec import HashSpec
+from engram.tables.placed import PlacedTables, table_name
+from engram.tables.plan import TablePlan
+from engram.tables.reshard import saved_entries
 from engram.tokenizer import Tokenizer, load_tokenizer
 from engram.vocab import compress
 
@@ -61,7 +69,7 @@ except ImportError as e:  # pragma: no cover - the `hf` extra is missing
     raise ImportError("engram.hf needs transformers: pip install 'engram-lm[hf]'") from e
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE, META_FILE = "engram.safetensors", "engram.json"
+WEIGHTS_FILE, META_FILE, TABLES = "engram.safetensors", "engram.json", "tables"
 # Each model's attachment, kept beside the model rather than set on it (the attachment holds
 # its base submodule, never the model, so the model stays collectable).
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, EngramAttachment] = weakref.WeakKeyDictionary()
@@ -87,6 +95,7 @@ class EngramAttachment:
         # Set by a caller that hashed the batch itself (the trainer's loader), or switched off.
         self.given_rows: dict[int, torch.Tensor] | None = None
         self.off = False
+        self.tables: PlacedTables | None = None  # tables placed off the model (load_engram)
         self._signature = inspect.signature(self.base.forward)
         self._handles = [
             self.base.register_forward_pre_hook(self._before_model, with_kwargs=True),
@@ -108,6 +117,8 @@ class EngramAttachment:
             handle.remove()
         for layer in self.layers:
             del self.base.layers[layer].engram
+        if self.tables is not None:
+            self.tables.close()
         del _ATTACHED[model]
 
     # ---- hooks -----------------------------------------------------------------------------------
@@ -316,8 +327,14 @@ def engram_param_groups(
 
 
 # ---- saving and loading --------------------------------------------------------------------------
-def save_engram(model: PreTrainedModel, directory: str | Path) -> Path:
-    """Write the Engram parameters (safetensors) and their spec, layers and tokenizer (JSON)."""
+def save_engram(
+    model: PreTrainedModel, directory: str | Path, tables: dict[str, Any] | None = None
+) -> Path:
+    """Write the Engram parameters (safetensors) and their spec, layers and tokenizer (JSON),
+    with the SHA-256 of each file it holds. `tables`: tables placed off the model (host, disk)
+    that the caller has written into `directory/tables` ({"plan": a TablePlan as data,
+    "saved": their manifest entries}, as a checkpoint holds them); `load_engram` places them
+    again, reading disk tables where they lie."""
     attachment = get_attachment(model)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,7 +343,8 @@ def save_engram(model: PreTrainedModel, directory: str | Path) -> Path:
         for layer, engram in attachment.modules.items()
         for name, t in engram.state_dict().items()
     }
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    fsync_file(folder / WEIGHTS_FILE)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
@@ -334,21 +352,31 @@ def save_engram(model: PreTrainedModel, directory: str | Path) -> Path:
         "tokenizer_fingerprint": attachment.tokenizer.fingerprint,
         "engram": asdict(attachment.config),
         "spec": attachment.spec.to_dict(),
+        **({"tables": tables} if tables else {}),
     }
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    files = [folder / WEIGHTS_FILE]
+    if tables:
+        files += sorted(p for p in (folder / TABLES).rglob("*") if p.is_file())
+    meta[FILES] = {p.relative_to(folder).as_posix(): file_digest(p) for p in files}
+    (folder / META_FILE).write_text(json.dumps(seal(meta), indent=2), encoding="utf-8")
+    fsync_file(folder / META_FILE)
+    fsync_dir(folder)
     return folder
 
 
 def _read_meta(folder: Path) -> tuple[dict[str, Any], HashSpec, EngramConfig]:
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder / META_FILE} is missing or not JSON: {e}") from e
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else meta
         raise ValueError(
-            f"{META_FILE} format_version={meta.get('format_version')!r}; this library reads "
-            f"{FORMAT_VERSION}"
+            f"{META_FILE} format_version={found!r}; this library reads {FORMAT_VERSION}"
         )
+    unseal(meta, str(folder / META_FILE))
+    if FILES in meta:  # written before digests: accepted as it is
+        check_digests(folder, meta[FILES], f"Engram folder {folder}", "is damaged")
     try:
         return meta, HashSpec.from_dict(meta["spec"]), EngramConfig(**meta["engram"])
     except (KeyError, TypeError) as e:
@@ -376,8 +404,14 @@ def load_engram(
         )
     layers = tuple(meta["layers"])
     attachment = _ATTACHED.get(model)
+    placed = meta.get("tables")
     if attachment is None:
-        attachment = add_engram(model, spec, tok, layers, config, verified_only=verified_only)
+        with lazy_tables() if placed else nullcontext():  # the placement allocates its tables
+            attachment = add_engram(model, spec, tok, layers, config, verified_only=verified_only)
+        if placed:
+            attachment.tables = place_saved(attachment, placed, folder / TABLES)
+    elif placed:
+        raise ValueError(f"{folder} holds placed tables: load it into a model without Engram")
     elif attachment.spec != spec:
         raise ValueError(f"the saved spec ({spec.digest}) differs from the attached one")
     elif attachment.layers != layers:
@@ -386,6 +420,35 @@ def load_engram(
         raise ValueError(f"saved Engram config {config} differs from attached {attachment.config}")
     _load_weights(attachment, folder / WEIGHTS_FILE)
     return attachment
+
+
+def place_saved(attachment: EngramAttachment, tables: dict[str, Any], folder: Path) -> PlacedTables:
+    """The attachment's tables as `save_engram` wrote them into `folder`: placed as the run
+    placed them (a disk table mapped read-only where it lies), their rows restored."""
+    from engram.inference.load import inference_plan, restore_saved
+
+    try:
+        plan, saved = from_dict(TablePlan, tables["plan"]), tables["saved"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{folder.parent / META_FILE} has malformed tables: {e}") from e
+    memories = [attachment.modules[layer] for layer in sorted(attachment.modules)]
+    for memory in memories:  # the run's inits: untouched rows read as them
+        init = tables.get("inits", {}).get(str(memory.layer_id))
+        if init is None:
+            raise ValueError(f"{folder.parent / META_FILE} has no init for layer {memory.layer_id}")
+        memory.init = RowInit.from_json(init)
+    names = saved_entries(saved)
+    sharded = [m.layer_id for m in memories if table_name(m.layer_id) in names]
+    device = next(p for p in memories[0].parameters() if not p.is_meta).device
+    betas = tuple(tables.get("betas", (0.9, 0.999)))  # the row optimiser's, as saved
+    reading = inference_plan(plan, sharded)
+    placed = PlacedTables(memories, reading, folder, device, betas=betas, read_only=True)
+    try:
+        restore_saved(placed, plan, folder, saved)
+    except BaseException:
+        placed.close()
+        raise
+    return placed
 
 
 def _load_weights(attachment: EngramAttachment, path: Path) -> None:

@@ -201,7 +201,8 @@ class HFEngramLM(nn.Module):
         finally:
             if attachment is not None:
                 attachment.given_rows, attachment.off = None, False
-        logits = logits[..., : self.config.vocab_size]  # an embedding padded past the tokenizer
+        if logits.shape[-1] != self.config.vocab_size:  # an embedding padded past the tokenizer
+            logits = logits[..., : self.config.vocab_size].contiguous()
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -85,14 +85,7 @@ def load_trained(path: str | Path, device: str = "auto") -> Trained:
     if tables:
         if "tables" not in manifest:
             raise ValueError(f"checkpoint {ckpt} has no tables/ for its placed Engram tables")
-        tables.restore(ckpt / "tables", manifest["tables"])
-        embedded = [  # a sharded run's tables that the plan keeps in the model
-            name
-            for name, table in tables.tables.items()
-            if config.tables.for_layer(table.memory.layer_id).embedded
-        ]
-        if embedded:
-            tables.embed(embedded)
+        restore_saved(tables, config.tables, ckpt / "tables", manifest["tables"])
     model.to(target).eval()
     return Trained(model, tables, tok, spec, config, manifest)
 
@@ -152,6 +145,21 @@ def inference_plan(plan: TablePlan, sharded: Collection[int] = ()) -> TablePlan:
     moved = {e.layer for e in stores}
     layers = tuple(replace(e, path="") for e in plan.layers if e.layer not in moved)
     return replace(plan, path="", layers=layers + stores)
+
+
+def restore_saved(
+    tables: PlacedTables, plan: TablePlan, folder: Path, saved: dict[str, Any]
+) -> None:
+    """Restore placed `tables` from the files in `folder` that `saved` (a manifest's "tables")
+    describes; those the run's `plan` keeps in the model (a sharded run's) become embeddings."""
+    tables.restore(folder, saved)
+    embedded = [
+        name
+        for name, table in tables.tables.items()
+        if plan.for_layer(table.memory.layer_id).embedded
+    ]
+    if embedded:
+        tables.embed(embedded)
 
 
 def place_for_inference(
