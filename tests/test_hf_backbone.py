@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -277,3 +278,23 @@ def test_export_the_engram_or_a_merged_model_and_load_it_back_exactly(
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"engram\.safetensors is damaged"):
         load_engram(LlamaForCausalLM.from_pretrained(base), weights.parent, load_tokenizer(base))
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_a_bf16_backbone_trains_with_engram_in_its_dtype(corpus, base, tmp_path, placement):
+    """base.dtype=bf16: Engram follows its layer's dtype; the tables stay fp32 (row stores and
+    their optimiser keep them exact) and their rows are cast as they enter the module."""
+    out = tmp_path / "bf16"
+    extra = ["base.dtype=bf16", *PLACEMENTS[placement]]
+    summary = _summary(["train", *_argv(corpus, base, out, *extra)])
+    assert math.isfinite(summary["val_loss"])
+    model = load_trained(out).model
+    (engram,) = model.engram_layers
+    assert engram.value_proj.weight.dtype == torch.bfloat16
+    assert next(model.hf.parameters()).dtype == torch.bfloat16
+    rows = (
+        engram.table.weight
+        if engram.table is not None
+        else engram.row_source.store.read(torch.arange(4))
+    )
+    assert rows.dtype == torch.float32

@@ -324,7 +324,7 @@ class Engram(HashedMemory):
         h, squeeze = self._check_inputs(hidden, rows)  # h [B, T, M, d]
 
         # 1. Look up every head's row and concatenate: e [B, T, D]
-        e = self.lookup(rows)
+        e = self._embed(rows)
 
         # 2. One value for all branches: v [B, T, 1, d]
         v = self.value_proj(e).unsqueeze(2)
@@ -342,7 +342,12 @@ class Engram(HashedMemory):
     def gates(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The gate activations a [B, T, M] (for analysis and heat maps)."""
         h, _ = self._check_inputs(hidden, rows)
-        return self._gate(h, self.lookup(rows))
+        return self._gate(h, self._embed(rows))
+
+    def _embed(self, rows: torch.Tensor) -> torch.Tensor:
+        """The looked-up rows e [B, T, D] in the projections' dtype: a table kept in fp32 (a
+        row store, or a table its optimiser keeps exact) feeds a module that runs in bf16."""
+        return self.lookup(rows).to(self.value_proj.weight.dtype)
 
     def _gate(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """a [B, T, M] from hidden h [B, T, M, d] and memory e [B, T, D]."""
