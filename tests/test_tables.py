@@ -504,7 +504,7 @@ def test_row_optimizer_misuse_and_state():
     opt = make_row_optimizer("adam", betas=(0.9, 0.95))
     store = HostStore(opt.layout(5, 2), INIT)
     cases = [
-        (lambda: opt.step(store, ids(1), torch.zeros(1, 2), 0), "lr=0"),
+        (lambda: opt.step(store, ids(1), torch.zeros(1, 2), -1e-3), "lr=-0.001"),
         (lambda: opt.step(store, ids(1), torch.zeros(1, 2), float("nan")), "lr=nan"),
         (lambda: opt.step(store, ids(1), torch.zeros(2, 2), 0.1), r"\[1, 2\]"),
         (lambda: opt.step(store, ids(2, 1), torch.zeros(2, 2), 0.1), "sorted"),

@@ -67,8 +67,10 @@ class RowOptimizer(ABC):
         `lr` is the full rate of this step (base x table multiplier x schedule). The arithmetic
         runs on the gradients' device; the records travel there and back.
         """
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr={lr!r} must be a finite number > 0")
+        # lr = 0 is a step all the same (moments and count advance), as in torch's Adam: a
+        # schedule may start from zero (transformers' warm-up does).
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr={lr!r} must be a finite number >= 0")
         expected = self.state_slots(store.dim)
         if store.layout.state != expected:
             raise ValueError(
