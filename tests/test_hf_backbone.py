@@ -298,3 +298,28 @@ def test_a_bf16_backbone_trains_with_engram_in_its_dtype(corpus, base, tmp_path,
         else engram.row_source.store.read(torch.arange(4))
     )
     assert rows.dtype == torch.float32
+
+
+def test_the_studies_take_a_run_of_a_pretrained_model(corpus, base, tmp_path):
+    """controls (its tables placed in host memory: embedded for the whole-table edits), gates,
+    collisions, and the layerwise pair studies against the same model trained without Engram."""
+    run, plain = tmp_path / "engram", tmp_path / "plain"
+    _summary(["train", *_argv(corpus, base, run, "tables.placement=host")])
+    _summary(["train", *_argv(corpus, base, plain, "model.engram=none")])
+    studies = [
+        ["controls", "--ckpt", str(run), "--eval-tokens", "1024"],
+        ["gates", "--ckpt", str(run), "--text", "def f(x):\n    return x"],
+        ["collisions", "--ckpt", str(run), "--max-tokens", "2048"],
+        ["logit-lens", "--ckpt", str(run), "--baseline", str(plain), "--max-tokens", "1024"],
+        ["cka", "--ckpt", str(run), "--baseline", str(plain), "--max-tokens", "2048"],
+    ]
+    for argv in studies:
+        out = tmp_path / argv[0]
+        assert main(["study", *argv, "--out", str(out)]) == 0, argv
+        report = json.loads((out / "report.json").read_text())
+        assert report, argv
+    controls = json.loads((tmp_path / "controls" / "report.json").read_text())["eval"]["loss"]
+    assert controls["on"] != controls["off"]  # the trained Engram counts
+    lens = json.loads((tmp_path / "logit-lens" / "report.json").read_text())["models"]
+    assert lens["engram"]["engram_layers"] == [1] and lens["baseline"]["engram_layers"] == []
+    assert lens["engram"]["n_layers"] == 3  # the pretrained model's decoder layers

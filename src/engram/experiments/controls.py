@@ -166,6 +166,8 @@ def eval_controls(
             "evaluation-time controls need a content-addressed run"
         )
     trained = load_trained(run_dir, device=device)
+    if trained.tables:  # shuffled and zeroed tables are whole-table edits: in memory only
+        trained.tables.embed()  # (ValueError naming the size if they do not fit in RAM)
     model, tok, config, manifest = (
         trained.model,
         trained.tokenizer,

@@ -175,14 +175,20 @@ def streams_of(model: EngramLM) -> Iterator[list[torch.Tensor]]:
     """
     captured: list[torch.Tensor] = []
 
+    def branches(stream: torch.Tensor | tuple) -> torch.Tensor:
+        # A Hugging Face decoder layer's stream: [B, T, d] (some return a tuple), one branch.
+        stream = stream[0] if isinstance(stream, tuple) else stream
+        return stream.unsqueeze(-2) if stream.ndim == 3 else stream
+
     def on_first(_module, args) -> None:
         captured.clear()  # a new forward pass
-        captured.append(args[0])
+        captured.append(branches(args[0]))
 
     def on_block(_module, _args, output: torch.Tensor) -> None:
-        captured.append(output)
+        captured.append(branches(output))
 
-    handles = [model.blocks[0].register_forward_pre_hook(on_first)]
+    # Prepended: stream 0 is what reaches block 0 before anything attached to it (an Engram).
+    handles = [model.blocks[0].register_forward_pre_hook(on_first, prepend=True)]
     handles += [block.register_forward_hook(on_block) for block in model.blocks]
     try:
         yield captured

@@ -10,6 +10,7 @@ attachment and answers to the interface the trainer drives `EngramLM` through:
                                 the run's Engram settings), the hash spec and its hasher
     engram_layers               the attached Engram modules, for the table plan to place
     blocks                      the decoder layers, which FSDP shards one by one
+    hash(ids), readout(x)       rows of a sequence; logits of any layer's stream (the studies)
     moe_layers, update_route_biases()   none: a pretrained MoE balances itself
     register_rows_hook(hook)    a placement starts fetching rows once a forward has them
 
@@ -162,6 +163,16 @@ class HFEngramLM(nn.Module):
 
     def update_route_biases(self) -> dict[str, float]:
         return {}
+
+    def hash(self, ids: torch.Tensor, doc_starts: torch.Tensor | None = None) -> Rows | None:
+        """Rows for every Engram layer of `ids` [B, T] (None without Engram)."""
+        return self.hasher(ids, doc_starts=doc_starts) if self.hasher is not None else None
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of residual streams x [..., M, d] (M = 1 here): the final norm and
+        head, as the model reads its last layer out (the logit lens reads any layer so)."""
+        logits = self.hf.lm_head(self.hf.model.norm(x.mean(dim=-2)))
+        return logits[..., : self.config.vocab_size]
 
     def register_rows_hook(self, hook: Callable[[Rows], None]) -> RemovableHandle:
         """Call `hook(rows)` in every forward once its rows are known, before any layer runs."""
