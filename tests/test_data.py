@@ -127,6 +127,27 @@ def test_jsonl_with_a_named_field(tmp_path):
         list(documents(str(path), "train"))  # default field "text" is absent
 
 
+def test_parquet_rows_are_documents_split_like_jsonl_records(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    bodies = [f"row {i}: " + "x" * (i % 7) for i in range(5000)]  # several read batches
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"body": bodies, "id": list(range(5000))}), path, row_group_size=999)
+    source = f"{path}:body"
+    train, val = list(documents(source, "train")), list(documents(source, "val"))
+    assert train and val and not set(train) & set(val)
+    assert sorted(train + val) == sorted(bodies)
+    # The same split as the same records in JSONL: a record's index decides, not its format.
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": b}) + "\n" for b in bodies))
+    assert list(documents(f"{jsonl}:body", "val")) == val
+    with pytest.raises(ValueError, match="no column 'text'"):
+        list(documents(str(path), "train"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        list(documents(str(tmp_path / "junk.parquet"), "train"))
+
+
 def test_jsonl_bad_line_names_its_line_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{oops\n' * 40)

@@ -9,6 +9,8 @@ A *source* is a string:
   document (a folder holding a single text file is split like that file);
 - "path.jsonl" or "path.jsonl:field": one JSON object per non-blank line = one document, text
   in `field` ("text" by default);
+- "path.parquet" or "path.parquet:field": one row = one document, text in column `field`
+  ("text" by default; read with pyarrow, the `data` extra);
 - "hf:NAME[:split[:field]]": a Hugging Face dataset (split "train" and field "text" by default)
   that is already on this machine (a `save_to_disk` folder or the `datasets` cache); nothing is
   ever downloaded.
@@ -33,6 +35,7 @@ from typing import Any
 VAL_FRACTION = 0.05
 SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+RECORD_SUFFIXES = (".jsonl", ".parquet")  # one record = one document
 # Bump when the splitting or blocking rules change: shards cached under old rules no longer match.
 SPLIT_VERSION = 1
 _ALIASES = {"default": "stdlib"}
@@ -102,12 +105,12 @@ def read_texts(paths: list[Path]) -> Iterator[str]:
 
 
 # ---- parsing a source string ------------------------------------------------------------------
-def _jsonl_parts(source: str) -> tuple[Path, str] | None:
-    """(path, field) when `source` names a JSONL file, else None."""
-    if source.endswith(".jsonl"):
+def _record_parts(source: str) -> tuple[Path, str] | None:
+    """(path, field) when `source` names a JSONL or Parquet file of records, else None."""
+    if source.endswith(RECORD_SUFFIXES):
         return Path(source), "text"
     head, sep, field = source.rpartition(":")
-    if sep and head.endswith(".jsonl") and field:
+    if sep and head.endswith(RECORD_SUFFIXES) and field:
         return Path(head), field
     return None
 
@@ -133,17 +136,18 @@ def canonical_source(source: str) -> str:
         if Path(name).is_dir():  # a save_to_disk folder: name it absolutely, like other paths
             return f"hf:{Path(name).resolve()}:{hf_split}:{field}"
         return source
-    jsonl = _jsonl_parts(source)
-    if jsonl is not None:
-        path, field = jsonl
+    records = _record_parts(source)
+    if records is not None:
+        path, field = records
         if not path.is_file():
-            raise ValueError(f"data source {source!r}: JSONL file {str(path)!r} does not exist")
+            raise ValueError(f"data source {source!r}: file {str(path)!r} does not exist")
         return f"{path.resolve()}:{field}"
     path = Path(source)
     if not path.exists():
         raise ValueError(
             f"unknown data source {source!r}: not 'default', 'stdlib' or 'hf:NAME', and no such "
-            "file or folder (expected a text file, a folder of text files, or path.jsonl[:field])"
+            "file or folder (expected a text file, a folder of text files, path.jsonl[:field] or "
+            "path.parquet[:field])"
         )
     return str(path.resolve())
 
@@ -235,6 +239,29 @@ def _jsonl_documents(path: Path, field: str, split: str) -> Iterator[str]:
         yield _record_text(record, field, f"{path}:{lineno}")
 
 
+def _parquet_documents(path: Path, field: str, split: str) -> Iterator[str]:
+    """Row i of a Parquet file's `field` column is document i (pyarrow, read a batch at a time)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"data source {str(path)!r}: reading Parquet needs pyarrow") from e
+    try:
+        table = pq.ParquetFile(path)
+        rows = table.metadata.num_rows
+        if field not in table.schema_arrow.names:
+            raise ValueError(f"{path}: no column {field!r} (it has {table.schema_arrow.names})")
+        forced = _forced_val(str(i) for i in range(rows))
+        i = 0
+        for batch in table.iter_batches(columns=[field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                if _in_split(str(i), split, forced):
+                    yield _record_text({field: text}, field, f"{path}: row {i}")
+                i += 1
+    except (OSError, pyarrow.ArrowException) as e:  # not Parquet, truncated
+        raise ValueError(f"data source {str(path)!r} is not a readable Parquet file: {e}") from e
+
+
 # ---- Hugging Face datasets, local only ---------------------------------------------------------
 @contextlib.contextmanager
 def _hf_offline(datasets: Any) -> Iterator[None]:
@@ -310,7 +337,8 @@ def documents(source: str, split: str) -> Iterator[str]:
     """The documents of `source` in split 'train' or 'val', in a fixed order (empty ones skipped).
 
     `source` is "stdlib" ("default" is an alias of it for now), a text file, a folder of text files,
-    "path.jsonl[:field]" or "hf:NAME[:split[:field]]" (see the module docstring). The source is
+    "path.jsonl[:field]", "path.parquet[:field]" or "hf:NAME[:split[:field]]" (see the module
+    docstring). The source is
     checked here, before the first document is read, so a bad source fails at the call.
     """
     _check_split(split)
@@ -319,8 +347,9 @@ def documents(source: str, split: str) -> Iterator[str]:
         docs: Iterator[str] = read_texts(stdlib_files(split))
     elif name.startswith("hf:"):
         docs = _hf_documents(*_load_hf(name), split)
-    elif (jsonl := _jsonl_parts(name)) is not None:
-        docs = _jsonl_documents(jsonl[0], jsonl[1], split)
+    elif (records := _record_parts(name)) is not None:
+        read = _parquet_documents if records[0].suffix == ".parquet" else _jsonl_documents
+        docs = read(records[0], records[1], split)
     elif Path(name).is_dir():
         files = _text_files(Path(name))
         if not files:
@@ -362,8 +391,8 @@ def source_fingerprint(source: str) -> str:
         head = f"{name}\n"
         lines = _hf_fingerprint_lines(name)
     else:
-        jsonl = _jsonl_parts(name)
-        path = jsonl[0] if jsonl else Path(name)
+        records = _record_parts(name)
+        path = records[0] if records else Path(name)
         head = f"{name}\n"
         if path.is_dir():
             lines = _stat_lines(_text_files(path), path)
