@@ -43,14 +43,15 @@ def export_run(path: str | Path, out: str | Path, merged: bool = False) -> Path:
             f"{path} is a run of our own LM: export it with "
             "engram.hf.EngramForCausalLM.from_run(path).save_pretrained(folder)"
         )
-    if trained.model.attachment is None:
-        raise ValueError(f"{path} was trained without Engram (model.engram=none)")
+    if trained.model.attachment is None and not merged:
+        raise ValueError(f"{path} has no Engram (model.engram=none): export it --merged")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
     try:
-        if merged:
+        if merged:  # a run without Engram: the backbone alone (pretrained further, say)
             _save_backbone(trained, tmp)
-        _save_engram(trained, tmp)
+        if trained.model.attachment is not None:
+            _save_engram(trained, tmp)
         tmp.rename(out)
         fsync_dir(out.parent)
     finally:
@@ -92,7 +93,8 @@ def _save_engram(trained: Trained, folder: Path) -> None:
 
 def load_merged(folder: str | Path, device: str = "cpu") -> PreTrainedModel:
     """A merged export (`export_run(..., merged=True)`) as one model: the backbone from its
-    `save_pretrained` files, the Engram attached with its tables, in eval mode."""
+    `save_pretrained` files, the Engram (if the run had one) attached with its tables, in eval
+    mode."""
     folder = Path(folder)
     hf_logging.disable_progress_bar()
     try:
@@ -100,5 +102,6 @@ def load_merged(folder: str | Path, device: str = "cpu") -> PreTrainedModel:
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder} is not a merged export: {e}") from e
     model.to(device)
-    load_engram(model, folder, load_tokenizer(folder))
+    if (folder / "engram.json").is_file():
+        load_engram(model, folder, load_tokenizer(folder))
     return model.eval()
