@@ -323,3 +323,12 @@ def test_the_studies_take_a_run_of_a_pretrained_model(corpus, base, tmp_path):
     lens = json.loads((tmp_path / "logit-lens" / "report.json").read_text())["models"]
     assert lens["engram"]["engram_layers"] == [1] and lens["baseline"]["engram_layers"] == []
     assert lens["engram"]["n_layers"] == 3  # the pretrained model's decoder layers
+    # A run without Engram exports the backbone alone (pretraining with engram train, say).
+    assert (
+        main(["export", "--ckpt", str(plain), "--out", str(tmp_path / "plain-hf"), "--merged"]) == 0
+    )
+    ids = torch.tensor([list(range(3, 30))])
+    with torch.no_grad():
+        assert torch.equal(
+            load_merged(tmp_path / "plain-hf")(ids).logits, load_trained(plain).model(ids)
+        )
