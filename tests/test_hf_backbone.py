@@ -143,6 +143,11 @@ def test_eval_and_generate_a_run_on_a_pretrained_model(corpus, base, tmp_path):
             ids.append(int(logits[0, -1].argmax()))
         assert new == ids[len(prompt) :]
     assert main(["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert main(["quantize", "--ckpt", str(out), "--kind", "int8"]) == 0  # int8 rows for serving
+    folder = next(out.glob("quantized-int8-*"))
+    quantized = _summary(["eval", "--ckpt", str(out), "--tables", str(folder)])
+    assert quantized["quantized"]["kind"] == "int8"
+    assert 0 < abs(quantized["val_loss"] - scored["val_loss"]) < 0.01  # installed, and close
 
 
 def _trained_state(out: Path) -> dict[str, torch.Tensor]:
