@@ -23,17 +23,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from small_runs import BASE
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from engram.assembly import get_tokenizer
 from engram.checkpoint import read_manifest, write_manifest
 from engram.cli import main
-from engram.hf.attach import load_engram
+from engram.hf.attach import add_engram, load_engram
 from engram.hf.export import load_merged
 from engram.hf.tiny import main as tiny_main
 from engram.inference import SamplingConfig, generate
 from engram.inference.load import load_trained
-from engram.tokenizer import load_tokenizer
+from engram.spec import SpecConfig, resolve
+from engram.tokenizer import load_tokenizer, train_bpe
 
 IN_FLIGHT = shutil.ignore_patterns(".trash-*")  # deletions still running in the background
 RUN = [a for a in BASE if not a.startswith("tokenizer=")] + ["steps=6", "eval_every=3"]
@@ -210,6 +217,14 @@ def test_bad_input_is_one_line(capsys, corpus, base, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (no_tok / name).write_bytes((base / name).read_bytes())
     user_error(capsys, ["train", *_argv(corpus, no_tok, out)], "no tokenizer.json")
+    # The model's tokenizer is not the one the run was trained with: a resume is refused.
+    run = tmp_path / "run"
+    _summary(["train", *_argv(corpus, base, run, "steps=2")])
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(base, other)
+    train_bpe(["def g(y):\n    return y * 2\n"] * 50, vocab_size=300).save(other / "tokenizer.json")
+    resume = ["train", "--resume", *_argv(corpus, other, run, "steps=4")]
+    user_error(capsys, resume, "trained with another tokenizer")
 
 
 def test_the_readme_commands_run(corpus, tmp_path):
@@ -337,3 +352,20 @@ def test_the_studies_take_a_run_of_a_pretrained_model(corpus, base, tmp_path):
         assert torch.equal(
             load_merged(tmp_path / "plain-hf")(ids).logits, load_trained(plain).model(ids)
         )
+
+
+def test_engram_follows_its_layer_when_loaded_with_a_device_map(base):
+    """`from_pretrained(..., device_map=..., dtype=bf16)`: each Engram module is made on its
+    decoder layer's device in its dtype (one device here; the code reads the layer's)."""
+    model = AutoModelForCausalLM.from_pretrained(base, device_map={"": "cpu"}, dtype=torch.bfloat16)
+    tok = load_tokenizer(base)
+    config = SpecConfig(
+        tokenizer="t", layer_ids=(1,), orders=(2, 3), heads_per_order=2,
+        base_sizes=(1009, 1013), row_dim=8,
+    )  # fmt: skip
+    attachment = add_engram(model, resolve(config, tokenizer=tok), tok)
+    layer = next(model.model.layers[1].parameters())
+    for p in attachment.modules[1].parameters():
+        assert p.device == layer.device and p.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.tensor([list(range(3, 20))])).logits.isfinite().all()

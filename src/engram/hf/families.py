@@ -8,7 +8,7 @@ transformers (5.24.0) and checks that Engram attaches, that cached decoding equa
 (1e-4) and greedy `generate()` with and without the cache agree, and that `save_engram` then
 `load_engram` gives identical logits. `VERIFIED` is the list it printed
 (`bench/results/hf_families.json`; tests/test_hf_families.py checks both agree and reruns the
-checks on a sample in the suite). The others fail a check (hybrid linear-attention caches,
+check on every verified family). The others fail a check (hybrid linear-attention caches,
 multi-stream residuals such as hyper-connections, encoder-decoders) or could not be built at a
 small size (multimodal models); they are refused by name.
 """
