@@ -25,9 +25,6 @@ from safetensors.torch import load_file, save_file
 from small_runs import BASE
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -37,6 +34,7 @@ from engram.cli import main
 from engram.hf.attach import add_engram, load_engram
 from engram.hf.export import load_merged
 from engram.hf.tiny import main as tiny_main
+from engram.hf.tiny import save_tiny_decoder
 from engram.inference import SamplingConfig, generate
 from engram.inference.load import load_trained
 from engram.spec import SpecConfig, resolve
@@ -52,30 +50,11 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def save_base(folder: Path, corpus: Path, family: str = "llama") -> Path:
-    """A small randomly initialised decoder and its tokenizer, as `save_pretrained` writes them."""
+    """A small randomly initialised decoder (3 layers, 32 wide) and its tokenizer, as
+    `save_pretrained` writes them (`family` gpt2: one the trainer does not support)."""
     tok = get_tokenizer("bpe:400", str(corpus))
-    torch.manual_seed(0)
-    if family == "gpt2":  # a family the trainer does not support
-        ids = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id}
-        config = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, **ids)
-        model = GPT2LMHeadModel(config)
-    else:
-        config = LlamaConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
-            bos_token_id=None,
-        )
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tok.save(folder / "tokenizer.json")
-    return folder
+    shape = {"hidden_size": 32, "intermediate_size": 64, "head_dim": 8}
+    return save_tiny_decoder(folder, family, tok, max_position_embeddings=256, **shape)
 
 
 @pytest.fixture(scope="module")
