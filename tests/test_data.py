@@ -24,6 +24,7 @@ from engram.data import (
     stdlib_files,
     token_dtype,
 )
+from engram.data.sources import canonical_source, package_files
 from engram.hashing import NgramHasher
 from engram.spec import resolve
 from engram.tokenizer import Tokenizer, train_bpe
@@ -125,6 +126,18 @@ def test_jsonl_with_a_named_field(tmp_path):
     assert sorted(train + val) == sorted(r["body"] for r in records)
     with pytest.raises(ValueError, match="no string field 'text'"):
         list(documents(str(path), "train"))  # default field "text" is absent
+
+
+def test_packages_corpus_is_the_pinned_distributions_sources():
+    every = package_files()
+    train, val = package_files("train"), package_files("val")
+    assert len(every) > 1000 and {p.suffix for p in every} == {".py"}  # torch alone has thousands
+    assert sorted(train + val) == sorted(every) and not set(train) & set(val)
+    assert 0.02 < len(val) / len(every) < 0.08
+    assert canonical_source("packages") == "packages"
+    assert source_fingerprint("packages") == source_fingerprint("packages")
+    first = next(documents("packages", "val"))  # the first non-empty val file, whole
+    assert first in {p.read_text(encoding="utf-8", errors="replace") for p in val[:100]}
 
 
 def test_parquet_rows_are_documents_split_like_jsonl_records(tmp_path):

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 from small_runs import small_config
 
-from engram.checkpoint import find_checkpoint
+from engram.checkpoint import find_checkpoint, read_manifest
 from engram.cli import main, train_config
 from engram.config import TrainConfig
+from engram.data.sources import source_fingerprint
 from engram.inference.load import load_trained
 from engram.train import train
 
@@ -52,6 +53,12 @@ def test_train_writes_run_artefacts_and_learns(corpus, tmp_path):
     assert summary["curve"][-1] == [summary["tokens"], summary["val_loss"]]
     assert summary["torch_threads"] == torch.get_num_threads()  # the losses' last bits depend on it
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] <= 400
+    data = json.loads((run / "data.json").read_text())  # what the run read, recorded with it
+    assert data["source"] == str(corpus.resolve()) and data["fingerprint"] == source_fingerprint(
+        str(corpus)
+    )
+    assert data["train"]["tokens"] > data["val"]["tokens"] > 0
+    assert read_manifest(run)["data"] == data
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ from engram.checkpoint import (
 )
 from engram.config import TrainConfig, to_dict
 from engram.data import Batch, PackedLoader, build_shard
+from engram.data.sources import SPLITS
 from engram.files import FolderLock, disk_full, fsync_dir, fsync_file, writable_dir
 from engram.module import lazy_tables
 from engram.optim import Optimizers, lr_factor
@@ -171,8 +172,14 @@ class Run:
         """The token shards and this rank's loader (`local_batch` windows of each global batch)."""
         config, world = self.config, self.world
         with world.main_first():  # rank 0 tokenizes (and caches) the shards
-            self.train_tokens = build_shard(config.data, "train", self.tokenizer).tokens
-            self.val_tokens = build_shard(config.data, "val", self.tokenizer).tokens
+            shards = {split: build_shard(config.data, split, self.tokenizer) for split in SPLITS}
+        self.train_tokens, self.val_tokens = shards["train"].tokens, shards["val"].tokens
+        # What the run read, recorded with it: the source and its fingerprint (files, sizes,
+        # versions), and each split's size.
+        self.data = {"source": shards["train"].meta["source"]}
+        self.data["fingerprint"] = shards["train"].meta["source_fingerprint"]
+        for split, shard in shards.items():
+            self.data[split] = {"documents": shard.n_docs, "tokens": shard.n_tokens}
         if len(self.val_tokens) < config.seq_len + 1:  # fail now, not at the first evaluation
             raise ValueError(
                 f"the validation split of {config.data!r} has "
@@ -210,6 +217,7 @@ class Run:
 
     def _write_run_files(self) -> None:
         (self.dir / "config.json").write_text(json.dumps(self.resolved, indent=2))
+        (self.dir / "data.json").write_text(json.dumps(self.data, indent=2))
         if self.spec is not None:
             (self.dir / "spec.json").write_text(self.spec.to_json(indent=2))
 
@@ -221,6 +229,7 @@ class Run:
             "loader": self.loader.state_dict(after=self.last_batch),
             "tokens_seen": self.tokens_seen,
             "curve": self.curve,
+            "data": self.data,
             **({BASE: self.base} if self.base else {}),
         }
 

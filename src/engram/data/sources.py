@@ -3,6 +3,10 @@
 A *source* is a string:
 - "stdlib": the running interpreter's standard library `.py` files (found on every machine);
   "default" is an alias of "stdlib" for now.
+- "packages": the `.py` files of the installed distributions `PACKAGES` names (those
+  `requirements.lock` pins: torch, transformers, numpy, sympy...; after `make venv` tens of
+  millions of tokens), one file = one document: a corpus for studies that need more tokens,
+  offline and deterministic for a given set of installed versions (which its fingerprint names).
 - a path to a text file: split into blocks of about 64 KB at line boundaries (smaller for small
   files, so that both splits get some), one block = one document;
 - a path to a folder: its `*.txt`, `*.md`, `*.py` and `*.rst` files, recursively, one file = one
@@ -42,6 +46,45 @@ _ALIASES = {"default": "stdlib"}
 _MAX_BLOCK = 64 * 1024  # characters per block of a single text file
 _MIN_BLOCK = 512
 _TARGET_BLOCKS = 32  # small files get smaller blocks so that both splits are populated
+
+
+# The distributions of the "packages" corpus: the Python ones requirements.lock pins.
+PACKAGES = (
+    "torch", "transformers", "numpy", "sympy", "mpmath", "matplotlib", "hypothesis",
+    "huggingface_hub", "accelerate", "pyarrow", "tqdm", "safetensors", "tokenizers",
+    "packaging", "filelock", "sortedcontainers", "psutil", "PyYAML", "regex",
+)  # fmt: skip
+
+
+def package_files(split: str | None = None, val_fraction: float = VAL_FRACTION) -> list[Path]:
+    """The `.py` files of the installed `PACKAGES` (sorted by distribution, then path), the
+    files of `split` only if given (a hash of "distribution/relative path" decides)."""
+    from importlib import metadata
+
+    _check_split(split, allow_none=True)
+    files = []
+    for name in PACKAGES:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        for rel in sorted(str(f) for f in dist.files or () if str(f).endswith(".py")):
+            key = f"{name}/{rel}"
+            if split is None or _split_of(key, val_fraction) == split:
+                files.append(Path(dist.locate_file(rel)))
+    return [f for f in files if f.is_file()]
+
+
+def _package_versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ",".join(found)
 
 
 def stdlib_root() -> Path:
@@ -129,7 +172,7 @@ def canonical_source(source: str) -> str:
     if not isinstance(source, str) or not source:
         raise ValueError(f"data source {source!r} must be a non-empty string")
     source = _ALIASES.get(source, source)
-    if source == "stdlib":
+    if source in ("stdlib", "packages"):
         return source
     if source.startswith("hf:"):
         name, hf_split, field = _hf_parts(source)
@@ -145,9 +188,9 @@ def canonical_source(source: str) -> str:
     path = Path(source)
     if not path.exists():
         raise ValueError(
-            f"unknown data source {source!r}: not 'default', 'stdlib' or 'hf:NAME', and no such "
-            "file or folder (expected a text file, a folder of text files, path.jsonl[:field] or "
-            "path.parquet[:field])"
+            f"unknown data source {source!r}: not 'default', 'stdlib', 'packages' or 'hf:NAME', "
+            "and no such file or folder (expected a text file, a folder of text files, "
+            "path.jsonl[:field] or path.parquet[:field])"
         )
     return str(path.resolve())
 
@@ -345,6 +388,8 @@ def documents(source: str, split: str) -> Iterator[str]:
     name = canonical_source(source)
     if name == "stdlib":
         docs: Iterator[str] = read_texts(stdlib_files(split))
+    elif name == "packages":
+        docs = read_texts(package_files(split))
     elif name.startswith("hf:"):
         docs = _hf_documents(*_load_hf(name), split)
     elif (records := _record_parts(name)) is not None:
@@ -387,6 +432,9 @@ def source_fingerprint(source: str) -> str:
     if name == "stdlib":
         head = f"stdlib\t{sys.version}\n"
         lines = _stat_lines(stdlib_files(), stdlib_root())
+    elif name == "packages":  # the versions, and every file's size and mtime
+        head = f"packages\t{_package_versions()}\n"
+        lines = _stat_lines(package_files(), Path("/"))
     elif name.startswith("hf:"):
         head = f"{name}\n"
         lines = _hf_fingerprint_lines(name)
