@@ -5,9 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, fields, replace
 
 import pytest
+import torch
 
 from engram.model import EngramLM, EngramOptions, ModelConfig, MoEConfig, model_preset
-from engram.model.accounting import ParamCounts, count_params, count_params_from_config
+from engram.model.accounting import (
+    ParamCounts,
+    count_params,
+    count_params_from_config,
+    training_flops_per_token,
+)
 from engram.spec import SpecConfig, derive_primes, resolve
 from engram.vocab import compress
 
@@ -135,3 +141,29 @@ def test_overencoding_has_the_engram_tables_and_one_projection():
     assert over.engram_rows_active == engram.engram_rows_active == d_mem
     assert over.engram_dense == len(spec.layer_ids) * d_mem * TINY.d_model  # no bias, gate, conv
     assert over.p_tot - engram.p_tot == over.engram_dense - engram.engram_dense
+
+
+@pytest.mark.parametrize("moe", [None, MoEConfig(num_routed=8, top_k=2, expert_hidden=32)])
+def test_training_flops_per_token_matches_a_count_of_the_forward(moe):
+    """6 N + 12 L d T is three forwards' worth: torch's FLOP counter on a forward of a model
+    without Engram counts the 2 N of its matrix products, to within the small ops the estimate
+    leaves out (norms, mHC). It does not count the CPU flash-attention kernel, so the forward's
+    4 L d T of attention is added by formula: what this checks is N."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = model_preset("tiny").with_(engram=None, moe=moe, vocab_size=300)
+    B, T = 2, 64
+    model = EngramLM(config).eval()
+    ids = torch.randint(0, 300, (B, T))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    forward = counter.get_total_flops() / (B * T) + 4 * config.n_layers * config.d_model * T
+    estimate = training_flops_per_token(config, T)
+    assert abs(3 * forward / estimate - 1) < 0.05, (3 * forward, estimate)
+
+
+def test_peak_flops_is_known_or_given():
+    from engram.assembly import peak_flops
+
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu) is None and peak_flops(cpu, override_tflops=2.5) == 2.5e12

@@ -50,6 +50,8 @@ def test_train_writes_run_artefacts_and_learns(corpus, tmp_path):
     assert all(r["moe_max_load"] >= 1.0 and r["grad_norm"] > 0 for r in train_records)
     assert vals[-1] < vals[0] < math.log(400) + 0.5  # it learns something in 30 steps
     assert summary["tokens"] == 30 * 4 * 32
+    assert summary["model_tflops_per_s"] > 0 and "mfu" not in summary  # a CPU has no set peak
+    assert all(r["model_tflops_per_s"] > 0 for r in train_records)
     assert summary["curve"][-1] == [summary["tokens"], summary["val_loss"]]
     assert summary["torch_threads"] == torch.get_num_threads()  # the losses' last bits depend on it
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] <= 400

@@ -164,6 +164,30 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+# Dense bf16 peaks from the vendors' datasheets (no sparsity), matched in order against the CUDA
+# device's name: the denominators of MFU. Others: set TrainConfig.peak_tflops.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """The device's peak FLOP/s for MFU: `override_tflops` if set, a known CUDA device's dense
+    bf16 peak, else None (a CPU has no agreed peak: MFU is not reported)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
 def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast for `precision` bf16, or auto on CUDA; otherwise fp32 (no autocast)."""
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

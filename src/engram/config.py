@@ -98,6 +98,7 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
+    peak_tflops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, else no MFU
     device: str = "auto"
     out_dir: str = "runs/train"
     progress: bool = True
@@ -106,6 +107,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "log_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.peak_tflops >= 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops} must be >= 0")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision={self.precision!r} must be auto, bf16 or fp32")
         self.base.validate()

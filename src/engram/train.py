@@ -33,6 +33,7 @@ from engram.assembly import (
     build_model,
     evaluate,
     model_tokenizer,
+    peak_flops,
     pick_device,
     place_tables,
     to_device,
@@ -54,6 +55,7 @@ from engram.config import TrainConfig, to_dict
 from engram.data import Batch, PackedLoader, build_shard
 from engram.data.sources import SPLITS
 from engram.files import FolderLock, disk_full, fsync_dir, fsync_file, writable_dir
+from engram.model.accounting import training_flops_per_token
 from engram.module import lazy_tables
 from engram.optim import Optimizers, lr_factor
 from engram.parallel import (
@@ -363,11 +365,22 @@ class Run:
                 "lr": self.optim.lr,
                 "grad_norm": self.grad_norm,
                 "tokens_per_s": tokens_per_s,
+                **self.utilisation(tokens_per_s),
                 **{f"moe_{k}": v for k, v in self.routing.items()},
                 **self.table_stats(),
             }
         )
         return loss
+
+    def utilisation(self, tokens_per_s: float) -> dict[str, float]:
+        """Model FLOP/s at `tokens_per_s` (the global rate), and MFU (per device) where the
+        device's peak is known (`engram.assembly.peak_flops`)."""
+        flops = tokens_per_s * training_flops_per_token(self.model.config, self.config.seq_len)
+        out = {"model_tflops_per_s": flops / 1e12}
+        peak = peak_flops(self.device, self.config.peak_tflops)
+        if peak:
+            out["mfu"] = flops / (peak * self.world.size)
+        return out
 
     def transform(self, batch: Batch) -> Batch:
         """The batch as trained on; a subclass may change it (e.g. the table controls' rows)."""
@@ -439,13 +452,15 @@ def train(
             run.tables.release(ahead.result()[1])
         bar.close()
         run.close()
+    tps = (run.tokens_seen - start_tokens) / elapsed if elapsed > 0 else 0.0
     return {
         "out_dir": str(run.dir),
         "steps": run.step,
         "tokens": run.tokens_seen,
         "val_loss": val,
         "val_ppl": math.exp(val),
-        "tokens_per_s": (run.tokens_seen - start_tokens) / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": tps,
+        **run.utilisation(tps),
         # The thread count changes float reduction order, hence the last bits of every loss.
         "torch_threads": torch.get_num_threads(),
         "world_size": run.world.size,

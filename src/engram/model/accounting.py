@@ -251,4 +251,21 @@ def count_params_from_config(config: ModelConfig, spec: HashSpec | None = None) 
     )
 
 
-__all__ = ["ParamCounts", "count_params", "count_params_from_config", "swiglu_params"]
+def training_flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, nanoGPT's (PaLM's) estimate: 6 N + 12 L d T. N counts the
+    weights a token is multiplied through: the active parameters (`p_act`) and the LM head's
+    matrix (even when tied), not the embedding or the table rows, which are gathered. 12 L d T
+    is attention's scores and weighted sum over a window of T, forward and backward, the causal
+    mask not halved. The denominator-free half of MFU (`engram.assembly.peak_flops`)."""
+    counts = count_params_from_config(config)
+    matmul = counts.p_act - counts.engram_rows_active + config.vocab_size * config.d_model
+    return 6 * matmul + 12 * config.n_layers * config.d_model * seq_len
+
+
+__all__ = [
+    "ParamCounts",
+    "count_params",
+    "count_params_from_config",
+    "swiglu_params",
+    "training_flops_per_token",
+]
