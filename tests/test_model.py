@@ -144,6 +144,35 @@ def test_moe_equals_dense_sum_over_selected_experts():
     torch.testing.assert_close(moe(x), want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d, hidden", [(64, 32), (10, 6)])  # the second: unaligned, the loop
+def test_grouped_experts_equal_the_reference_loop(d, hidden):
+    """The grouped-GEMM path computes the per-expert loop's sums: outputs and every gradient."""
+    torch.manual_seed(0)
+    moe = MoE(d, MoEConfig(num_routed=8, top_k=2, expert_hidden=hidden, num_shared=1)).train()
+    x = torch.randn(3, 50, d, requires_grad=True)
+    results = []
+    for grouped in (True, False):
+        moe.grouped = grouped
+        moe.zero_grad()
+        x.grad = None
+        out = moe(x)
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in moe.parameters()]
+        results.append((out.detach(), x.grad.clone(), grads))
+    (out_g, dx_g, grads_g), (out_l, dx_l, grads_l) = results
+    torch.testing.assert_close(out_g, out_l, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dx_g, dx_l, atol=1e-6, rtol=1e-5)
+    for g, ref in zip(grads_g, grads_l, strict=True):
+        torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5)
+    assert moe_grouped_used(moe, x) == (d % 4 == 0 and hidden % 4 == 0)
+
+
+def moe_grouped_used(moe: MoE, x: torch.Tensor) -> bool:
+    from engram.model.moe import _grouped_mm_supported
+
+    return _grouped_mm_supported(x.reshape(-1, x.shape[-1]), moe.config.expert_hidden)
+
+
 def test_config_errors(small_tok):
     cfg = model_preset("tiny")
     with pytest.raises(ValueError, match="n_kv_heads"):
