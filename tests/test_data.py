@@ -191,6 +191,18 @@ def test_hf_source_never_downloads():
         documents("hf:nobody/no-such-dataset-xyz", "train")
 
 
+def test_a_saved_datasets_folder_is_a_source(tmp_path):
+    """`hf:FOLDER` reads a `datasets` `save_to_disk` folder: rows are documents, split by index."""
+    datasets = pytest.importorskip("datasets")
+    bodies = [f"document {i}: " + "word " * (i % 13) for i in range(300)]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": bodies, "id": list(range(300))}).save_to_disk(folder)
+    train, val = list(documents(f"hf:{folder}", "train")), list(documents(f"hf:{folder}", "val"))
+    assert train and val and sorted(train + val) == sorted(bodies)
+    assert canonical_source(f"hf:{folder}") == f"hf:{folder.resolve()}:train:text"
+    assert source_fingerprint(f"hf:{folder}") == source_fingerprint(f"hf:{folder}")
+
+
 def test_source_fingerprint_follows_the_files(tmp_path):
     folder = make_folder(tmp_path / "corpus", n=4)
     before = source_fingerprint(str(folder))

@@ -348,3 +348,26 @@ def test_engram_follows_its_layer_when_loaded_with_a_device_map(base):
         assert p.device == layer.device and p.dtype == torch.bfloat16
     with torch.no_grad():
         assert model(torch.tensor([list(range(3, 20))])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "datasets"])
+def test_a_pretrained_model_trains_on_records(corpus, base, tmp_path, kind):
+    """The data of a fine-tune as users hold it: JSONL, Parquet, or a `save_to_disk` folder."""
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(corpus.iterdir())]
+    if kind == "jsonl":
+        source = tmp_path / "data.jsonl"
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    elif kind == "parquet":
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        source = tmp_path / "data.parquet"
+        pq.write_table(pa.table({"text": texts}), source)
+    else:
+        datasets = pytest.importorskip("datasets")
+        source = tmp_path / "saved"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(source)
+    data = f"hf:{source}" if kind == "datasets" else str(source)
+    argv = _argv(Path(data), base, tmp_path / "run")
+    summary = _summary(["train", *argv, "steps=2", "eval_every=2"])
+    assert math.isfinite(summary["val_loss"])
+    recorded = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert recorded["train"]["documents"] + recorded["val"]["documents"] == len(texts)
