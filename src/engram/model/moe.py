@@ -33,9 +33,12 @@ def _grouped_mm_supported(x: torch.Tensor, hidden: int) -> bool:
 
 
 class MoE(nn.Module):
-    # Routed experts as grouped GEMMs where the device supports them; False: the per-expert loop
-    # (`_routed_loop`), the readable reference the tests compare against.
-    grouped = True
+    # Routed experts as grouped GEMMs (`_routed_grouped`) or the per-expert loop (`_routed_loop`,
+    # the readable reference). None: grouped on a GPU that supports it, where the loop's host
+    # synchronisation stalls the step; the loop on a CPU, where the grouped path measured no
+    # faster for a whole step (bench/results/moe_step.json) and the loop's sums are the ones
+    # every recorded run used. True / False force one (tests, benchmarks).
+    grouped: bool | None = None
 
     def __init__(self, d: int, config: MoEConfig) -> None:
         super().__init__()
@@ -62,7 +65,8 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
         # 2. Each expert processes the tokens routed to it: out [N, d]
-        if self.grouped and _grouped_mm_supported(flat, self.config.expert_hidden):
+        grouped = self.grouped if self.grouped is not None else flat.device.type == "cuda"
+        if grouped and _grouped_mm_supported(flat, self.config.expert_hidden):
             out = self._routed_grouped(flat, idx, weights)
         else:
             out = self._routed_loop(flat, idx, weights)
