@@ -55,6 +55,26 @@ def test_muon_takes_the_hidden_matrices(model_and_tok):
     assert not torch.equal(before, model.blocks[0].attn.q_proj.weight)
 
 
+def test_the_fused_adamw_steps_as_the_default_one(model_and_tok):
+    """optim.fused: AdamW's fused kernel takes the same steps to float tolerance."""
+    import copy
+
+    base, tok = model_and_tok
+    ids = torch.randint(3, tok.vocab_size, (2, 12))
+    weights = []
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        opts = Optimizers(model, OptimConfig(fused=fused, warmup_steps=0))
+        assert opts.named["adamw"].defaults["fused"] is (True if fused else None)
+        for _ in range(3):
+            _, loss = model(ids, targets=ids)
+            loss.backward()
+            opts.step()
+        weights.append(model.blocks[0].attn.q_proj.weight.detach())
+    assert not torch.equal(weights[0], base.blocks[0].attn.q_proj.weight)
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=1e-5)
+
+
 def test_sparse_update_touches_only_read_rows(model_and_tok):
     model, tok = model_and_tok
     opts = Optimizers(model, OptimConfig(lr=1e-2))

@@ -40,6 +40,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # on the backbone's gradient norm; 0 disables
     sparse_tables: bool = True  # False: dense Adam over the whole table (for comparisons)
     backbone: str = "adamw"  # or "muon": Muon for hidden matrices, AdamW for the rest
+    fused: bool = False  # AdamW's fused kernel (CPU and CUDA): one kernel for all parameters
 
     def validate(self) -> None:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:

@@ -72,6 +72,7 @@ class Optimizers:
                 ],
                 lr=config.lr,
                 betas=betas,
+                fused=config.fused or None,  # None: torch's default (foreach where it can)
             )
         }
         if muon:
