@@ -143,3 +143,14 @@ def test_cli_train_overrides_and_errors(corpus, tmp_path, capsys):
     assert saved["model"]["moe"] is None and saved["steps"] == 2
     assert main(["train", "steps=lots"]) == 2
     assert "steps='lots' is not a valid int" in capsys.readouterr().err
+
+
+def test_compile_trains_as_eager(corpus, tmp_path):
+    """compile=true: the same steps as eager to float tolerance (tables in a row store; as
+    embeddings with sparse gradients they are refused before anything compiles)."""
+    host = small_config(corpus, tmp_path / "eager", "tables.placement=host", "steps=2")
+    eager = train(replace(host, eval_every=2))
+    compiled = train(replace(host, eval_every=2, compile=True, out_dir=str(tmp_path / "c")))
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="sparse gradients"):
+        train(config(corpus, tmp_path / "sparse", compile=True, steps=1))

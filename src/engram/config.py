@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
     peak_tflops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, else no MFU
+    compile: bool = False  # torch.compile the training step's model (the first steps compile)
     device: str = "auto"
     out_dir: str = "runs/train"
     progress: bool = True

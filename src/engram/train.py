@@ -117,6 +117,8 @@ class Run:
         manifest = self._build_model(resume)
         self.trainer = parallelize(self.model, world, config.parallel)  # what the step calls
         self.optim = Optimizers(self.model, config.optim)
+        if config.compile:  # the same module, its forward compiled (graph breaks where Python is)
+            self.trainer = _compiled(self.trainer, self.model)
         self._build_data(local_batch)
         self.step, self.tokens_seen, self.curve = 0, 0, []
         self.saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
@@ -490,6 +492,17 @@ def _no_space(run: Run, e: OSError) -> ValueError:
         f"no space left on the device{where} while training step {run.step + 1}; {last}: free "
         "space, then resume (--resume)"
     )
+
+
+def _compiled(trainer: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(trainer)`; refused (ValueError) for tables that are embeddings with
+    sparse gradients, which the compiler cannot take."""
+    if any(m.table is not None and m.table.sparse for m in model.engram_layers):
+        raise ValueError(
+            "compile=true cannot take tables kept as embeddings with sparse gradients: place "
+            "them in row stores (tables.placement=host or disk), or set optim.sparse_tables=false"
+        )
+    return torch.compile(trainer)
 
 
 def _local_batch(config: TrainConfig, world: World) -> int:
