@@ -124,6 +124,8 @@ class Run:
         self.saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
         self.last_batch = None  # the last batch trained on: the loader may have read ahead
         self.grad_norm, self.routing = 0.0, {}
+        self.flops_per_token = training_flops_per_token(self.model.config, config.seq_len)
+        self.peak_flops = peak_flops(self.device, config.peak_tflops)  # None: no MFU
         self.tensorboard = _tensorboard_writer(self.dir) if world.main else None
         if manifest is not None:
             self._resume(manifest)
@@ -377,11 +379,10 @@ class Run:
     def utilisation(self, tokens_per_s: float) -> dict[str, float]:
         """Model FLOP/s at `tokens_per_s` (the global rate), and MFU (per device) where the
         device's peak is known (`engram.assembly.peak_flops`)."""
-        flops = tokens_per_s * training_flops_per_token(self.model.config, self.config.seq_len)
+        flops = tokens_per_s * self.flops_per_token
         out = {"model_tflops_per_s": flops / 1e12}
-        peak = peak_flops(self.device, self.config.peak_tflops)
-        if peak:
-            out["mfu"] = flops / (peak * self.world.size)
+        if self.peak_flops:
+            out["mfu"] = flops / (self.peak_flops * self.world.size)
         return out
 
     def transform(self, batch: Batch) -> Batch:

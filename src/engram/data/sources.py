@@ -33,6 +33,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,6 @@ PACKAGES = (
 def package_files(split: str | None = None, val_fraction: float = VAL_FRACTION) -> list[Path]:
     """The `.py` files of the installed `PACKAGES` (sorted by distribution, then path), the
     files of `split` only if given (a hash of "distribution/relative path" decides)."""
-    from importlib import metadata
-
     _check_split(split, allow_none=True)
     files = []
     for name in PACKAGES:
@@ -76,8 +75,6 @@ def package_files(split: str | None = None, val_fraction: float = VAL_FRACTION) 
 
 
 def _package_versions() -> str:
-    from importlib import metadata
-
     found = []
     for name in PACKAGES:
         try:

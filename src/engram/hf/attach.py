@@ -56,9 +56,8 @@ from engram.hf.families import check_family
 from engram.module import Engram, EngramConfig, lazy_tables
 from engram.rowinit import RowInit
 from engram.spec import HashSpec
-from engram.tables.placed import PlacedTables, table_name
+from engram.tables.placed import PlacedTables
 from engram.tables.plan import TablePlan
-from engram.tables.reshard import saved_entries
 from engram.tokenizer import Tokenizer, load_tokenizer
 from engram.vocab import compress
 
@@ -110,6 +109,11 @@ class EngramAttachment:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]
+
+    @property
+    def engram_layers(self) -> list[Engram]:
+        """The Engram modules in layer order (what a table plan places)."""
+        return [self.modules[layer] for layer in sorted(self.modules)]
 
     def remove(self, model: PreTrainedModel) -> None:
         """Detach: remove the hooks and the Engram modules; the model is its old self again."""
@@ -425,24 +429,21 @@ def load_engram(
 def place_saved(attachment: EngramAttachment, tables: dict[str, Any], folder: Path) -> PlacedTables:
     """The attachment's tables as `save_engram` wrote them into `folder`: placed as the run
     placed them (a disk table mapped read-only where it lies), their rows restored."""
-    from engram.inference.load import inference_plan, restore_saved
+    from engram.inference.load import place_saved_tables, restore_saved
 
     try:
         plan, saved = from_dict(TablePlan, tables["plan"]), tables["saved"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{folder.parent / META_FILE} has malformed tables: {e}") from e
-    memories = [attachment.modules[layer] for layer in sorted(attachment.modules)]
+    memories = attachment.engram_layers
     for memory in memories:  # the run's inits: untouched rows read as them
         init = tables.get("inits", {}).get(str(memory.layer_id))
         if init is None:
             raise ValueError(f"{folder.parent / META_FILE} has no init for layer {memory.layer_id}")
         memory.init = RowInit.from_json(init)
-    names = saved_entries(saved)
-    sharded = [m.layer_id for m in memories if table_name(m.layer_id) in names]
     device = next(p for p in memories[0].parameters() if not p.is_meta).device
     betas = tuple(tables.get("betas", (0.9, 0.999)))  # the row optimiser's, as saved
-    reading = inference_plan(plan, sharded)
-    placed = PlacedTables(memories, reading, folder, device, betas=betas, read_only=True)
+    placed = place_saved_tables(memories, plan, device, folder, saved, betas)
     try:
         restore_saved(placed, plan, folder, saved)
     except BaseException:

@@ -29,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -38,7 +37,8 @@ from engram.hashing import NgramHasher
 from engram.hf.attach import EngramAttachment, add_engram
 from engram.hf.families import VERIFIED, check_family
 from engram.model import ModelConfig
-from engram.module import EngramConfig, HashedMemory
+from engram.model.lm import next_token_loss
+from engram.module import HashedMemory
 from engram.spec import HashSpec
 
 try:
@@ -135,22 +135,13 @@ class HFEngramLM(nn.Module):
         _set_trainable(hf, base)
         attachment = None
         if spec is not None:
-            options = config.engram
-            module = EngramConfig(
-                hidden_size=config.d_model,
-                num_branches=1,
-                gate=options.gate,
-                conv=options.conv,
-                table_init_std=options.table_init_std,
-            )
+            module = config.engram.module_config(config.d_model, num_branches=1)
             attachment = add_engram(hf, spec, tokenizer, config=module)
         return cls(hf, config, spec, hasher, attachment)
 
     @property
     def engram_layers(self) -> list[HashedMemory]:
-        if self.attachment is None:
-            return []
-        return [self.attachment.modules[layer] for layer in sorted(self.attachment.modules)]
+        return self.attachment.engram_layers if self.attachment is not None else []
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -216,8 +207,7 @@ class HFEngramLM(nn.Module):
             logits = logits[..., : self.config.vocab_size].contiguous()
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def _logits(
         self, ids: torch.Tensor, cache: Cache | None, attention_mask: torch.Tensor | None

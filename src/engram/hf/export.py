@@ -72,13 +72,8 @@ def _save_backbone(trained: Trained, folder: Path) -> None:
 
 def _save_engram(trained: Trained, folder: Path) -> None:
     """The Engram, and the tables the run placed off the model as its checkpoint holds them."""
-    placed = {
-        name
-        for name, table in (trained.tables.tables if trained.tables else {}).items()
-        if table.memory.table is None  # still in a row store: its files are copied
-    }
     tables = None
-    if placed:
+    if trained.tables:  # tables still in row stores (embedded ones left them): files copied
         ckpt = trained.checkpoint / "tables"
         shutil.copytree(ckpt, folder / TABLES)
         saved = trained.manifest["tables"]

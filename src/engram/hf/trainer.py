@@ -102,7 +102,7 @@ def engram_for_trainer(
     """The optimiser and callback that train `model`'s attached Engram (see the module
     docstring). `folder` holds disk tables while they train; `plan` places the tables (default:
     in a row store on the model's device)."""
-    memories = [m for _, m in sorted(get_attachment(model).modules.items())]
+    memories = get_attachment(model).engram_layers
     plan = plan if plan is not None else TablePlan(placement="device")
     device = next(model.parameters()).device
     stores = [table_name(m.layer_id) for m in memories]  # every table in a row store

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engram.assembly import build_model, pick_device, place_tables
+from engram.assembly import build_model, pick_device
 from engram.checkpoint import FILES, load_checkpoint, read_manifest
 from engram.config import TrainConfig, from_dict
 from engram.model import EngramLM, ModelConfig
 from engram.model.accounting import count_params_from_config
-from engram.module import lazy_tables
+from engram.module import HashedMemory, lazy_tables
 from engram.spec import HashSpec, derive_primes
 from engram.tables.placed import PlacedTables, table_name
 from engram.tables.plan import LayerPlacement, TablePlan
@@ -162,6 +162,26 @@ def restore_saved(
         tables.embed(embedded)
 
 
+def place_saved_tables(
+    memories: Sequence[HashedMemory],
+    plan: TablePlan,
+    device: torch.device,
+    folder: Path,
+    saved: dict[str, Any] | None,
+    betas: tuple[float, float],
+) -> PlacedTables:
+    """Place the tables of `memories` as a run with `plan` did, for reading: disk tables are the
+    saved files in `folder`, mapped read-only. `saved`: the manifest's "tables", which say which
+    tables the run saved from row stores (e.g. shards of several ranks; see the module
+    docstring); `betas`: its row optimiser's."""
+    names = saved_entries(saved)  # held in stores, e.g. sharded, though the plan may embed them
+    sharded = [m.layer_id for m in memories if table_name(m.layer_id) in names]
+    reading = inference_plan(plan, sharded)
+    if reading.all_embedded:
+        return PlacedTables(memories, plan, ".", device, betas=betas)
+    return PlacedTables(memories, reading, folder, device, betas=betas, read_only=True)
+
+
 def place_for_inference(
     model: EngramLM,
     config: TrainConfig,
@@ -169,17 +189,11 @@ def place_for_inference(
     folder: Path,
     saved: dict[str, Any] | None = None,
 ) -> PlacedTables:
-    """Place `model`'s tables as the run did, for reading: disk tables are the checkpoint's own
-    files in `folder`, mapped read-only; cached and off-device tables fetch each forward's rows
-    ahead. `saved`: the checkpoint manifest's "tables", which say which tables the run saved from
-    row stores (e.g. shards of several ranks; see the module docstring). The stores close when
-    the model is collected."""
-    names = saved_entries(saved)  # held in stores, e.g. sharded, though the plan may embed them
-    sharded = [m.layer_id for m in model.engram_layers if table_name(m.layer_id) in names]
-    plan = inference_plan(config.tables, sharded)
-    if plan.all_embedded:
-        return place_tables(model, config, ".", device)
-    tables = place_tables(model, config, folder, device, plan=plan, read_only=True)
-    tables.fetch_ahead(model)  # a forward's rows are read before its layers run
-    weakref.finalize(model, tables.close)
+    """`place_saved_tables` for a run's model; cached and off-device tables fetch each
+    forward's rows ahead. The stores close when the model is collected."""
+    betas = (config.optim.beta1, config.optim.beta2)
+    tables = place_saved_tables(model.engram_layers, config.tables, device, folder, saved, betas)
+    if tables:
+        tables.fetch_ahead(model)  # a forward's rows are read before its layers run
+        weakref.finalize(model, tables.close)
     return tables

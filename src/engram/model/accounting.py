@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
 from engram.model.moe import MoE
-from engram.module import EngramConfig
 from engram.spec import HashSpec, derive_primes
 
 
@@ -185,9 +184,7 @@ def _engram_dense(config: ModelConfig, d_mem: int) -> int:
     if opts.site == "input":
         return d_mem * d  # OverEncoding's projection, no bias
     # Built as the model builds it so that defaults (kernel size) come from one place.
-    module_cfg = EngramConfig(
-        hidden_size=d, num_branches=M, gate=opts.gate, conv=opts.conv, branch_keys=opts.branch_keys
-    )
+    module_cfg = opts.module_config(d, M)
     num_keys = M if module_cfg.branch_keys else 1
     value = d_mem * d + d  # W_V with bias
     # W_K (one per branch, or shared) with bias, and the key/query RMSNorm per branch: gate only.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from engram.module import EngramConfig
 from engram.spec import SpecConfig
 from engram.spec import preset as spec_preset
 
@@ -62,6 +63,17 @@ class EngramOptions:
     site: str = "block"  # "block" (Engram) or "input" (OverEncoding); see above
     # Read from configs written before the rename (`placement` now names a table's tier).
     RENAMED: ClassVar[dict[str, str]] = {"placement": "site"}
+
+    def module_config(self, hidden_size: int, num_branches: int) -> EngramConfig:
+        """The `Engram` module's config for a model of this width and branch count."""
+        return EngramConfig(
+            hidden_size=hidden_size,
+            num_branches=num_branches,
+            gate=self.gate,
+            conv=self.conv,
+            branch_keys=self.branch_keys,
+            table_init_std=self.table_init_std,
+        )
 
     def validate(self) -> None:
         self.spec.validate()

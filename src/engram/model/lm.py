@@ -30,7 +30,7 @@ from engram.model.decode_cache import Chunk, DecodeCache, cached_chunk, plain_ch
 from engram.model.hyper import residual_for
 from engram.model.layers import Attention, Rotary, SwiGLU
 from engram.model.moe import MoE
-from engram.module import Engram, EngramConfig, HashedMemory, OverEncoding
+from engram.module import Engram, HashedMemory, OverEncoding
 from engram.spec import HashSpec
 
 Rows = dict[int, torch.Tensor]  # Engram layer id -> row indices [B, T, H]
@@ -46,18 +46,7 @@ class Block(nn.Module):
         self.engram = None
         opts = config.engram
         if spec is not None and layer in spec.layer_ids and opts.site == "block":
-            self.engram = Engram(
-                spec,
-                layer,
-                EngramConfig(
-                    hidden_size=d,
-                    num_branches=M,
-                    gate=opts.gate,
-                    conv=opts.conv,
-                    branch_keys=opts.branch_keys,
-                    table_init_std=opts.table_init_std,
-                ),
-            )
+            self.engram = Engram(spec, layer, opts.module_config(d, M))
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.attn = Attention(config, rotary, layer)
         self.attn_res = residual_for(d, M)
@@ -85,6 +74,11 @@ class Block(nn.Module):
             x = x + self.engram(x, rows[self.layer], starts, pads, window)
         x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), chunk, cache))
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] against targets [B, T] (-100 ignored), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def _layout(spec_config) -> tuple:
@@ -226,8 +220,7 @@ class EngramLM(nn.Module):
         logits = chunk.restore(self.readout(x))  # [B, T, V], in the caller's order
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] of branch streams x [..., M, d]: their mean, final norm and head.

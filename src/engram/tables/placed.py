@@ -244,7 +244,7 @@ class PlacedTables:
                 joined = open_joined(self.folder, name, layout, init)
                 if joined is not None:
                     return joined
-            return self._open(path, name, layout, init, True)
+            return self._open_saved(path, name, layout, init)
         folder = self.live_folder(entry)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.table"
@@ -286,15 +286,14 @@ class PlacedTables:
         return removed
 
     @staticmethod
-    def _open(
-        path: Path, name: str, layout: TableLayout, init: RowInit, read_only: bool
-    ) -> RowStore:
+    def _open_saved(path: Path, name: str, layout: TableLayout, init: RowInit) -> RowStore:
+        """A checkpoint's disk table, for reading where it lies."""
         if not path.is_file():
             raise ValueError(f"{path} is missing: no file for the {name} disk table")
-        if read_only and is_packed(path):  # a checkpoint's written rows, served where they lie
+        if is_packed(path):  # a checkpoint's written rows
             store: RowStore = PackedStore(path)
-        else:  # a live table (resume), or a checkpoint from before packing
-            store = DiskStore(path, read_only=read_only)
+        else:  # a checkpoint from before packing: the whole table file
+            store = DiskStore(path, read_only=True)
         if store.layout != layout or store.init != init:
             store.close()
             raise ValueError(f"{path} does not hold this model's {name} table")
