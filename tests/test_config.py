@@ -158,3 +158,21 @@ def test_a_renamed_field_reads_under_its_new_name():
     assert from_dict(TrainConfig, old) == cfg
     over = apply_overrides(cfg, {"model.engram.placement": "input"})
     assert over.model.engram.site == "input"
+
+
+def test_gpu_presets_are_what_their_comments_say():
+    """`gpu`: about 100M active parameters, Engram at blocks 1 and 5, the DeepSeek tokenizer,
+    GEMM widths multiples of 128; `gpu-small`'s MoE baseline: the allocation recipe's sizes."""
+    from engram.model.accounting import count_params_from_config
+
+    gpu = model_preset("gpu")
+    counts = count_params_from_config(gpu)
+    assert (counts.p_act, counts.p_tot) == (105_171_200, 804_102_528)
+    assert count_params_from_config(gpu.with_(engram=None)).p_act == 102_009_600
+    spec = gpu.engram.spec
+    assert (spec.tokenizer, spec.layer_ids, gpu.max_seq_len) == ("deepseek", (1, 5), 2048)
+    d_mem = spec.row_dim * spec.heads_per_order * len(spec.orders)
+    widths = (gpu.d_model, gpu.ffn_hidden, gpu.moe.expert_hidden, d_mem)
+    assert all(w % 128 == 0 for w in widths) and gpu.head_dim == 64
+    small = count_params_from_config(model_preset("gpu-small").with_(engram=None))
+    assert (small.p_act, small.p_tot) == (3_197_184, 39_766_272)

@@ -35,6 +35,13 @@ STEPS = 30
 # that differ only in how a sum is split (measured), which would test the chaos, not the code.
 RUN = [*BASE, f"steps={STEPS}", "batch_size=6", "log_every=1", "eval_every=15"]
 RUN += ["optim.warmup_steps=50"]
+# Even so, MoE routing amplifies float order: a top-k choice that flips on a 1e-7 difference
+# moves the loss by 1e-6..1e-5 at once. Measured over this run: two one-process runs whose
+# gradients differ by 2e-13 (the MoE's sorted vs loop dispatch) drift up to 2.9e-5 apart; ranks,
+# which start 1e-7 apart, reached 1.1e-4 at step 29. A real error (a lost row, a missing
+# reduction, a wrong shard) shows at 1e-6 after one step (test_one_step_... below) and at 1e-2
+# over a run, so the multi-step bar sits above the measured drift.
+DRIFT = 3e-4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -125,8 +132,8 @@ def test_ranks_train_like_one_process(corpus, one_process, tmp_path, plan):
     train, val, worlds = _losses(out)
     ref_train, ref_val, _ = _losses(one_process)
     assert worlds == {ranks} and len(train) == STEPS
-    _close(train, ref_train, 1e-4)
-    _close(val, ref_val, 1e-4)
+    _close(train, ref_train, DRIFT)
+    _close(val, ref_val, DRIFT)
 
 
 def _weights(out: Path) -> dict:

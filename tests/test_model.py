@@ -144,27 +144,39 @@ def test_moe_equals_dense_sum_over_selected_experts():
     torch.testing.assert_close(moe(x), want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("d, hidden", [(64, 32), (10, 6)])  # the second: unaligned, the loop
-def test_grouped_experts_equal_the_reference_loop(d, hidden):
-    """The grouped-GEMM path computes the per-expert loop's sums: outputs and every gradient."""
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
+@pytest.mark.parametrize("d, hidden", [(64, 32), (10, 6)])  # the second: unaligned, no grouped
+def test_fast_experts_equal_the_reference_loop(d, hidden, dispatch):
+    """The sorted and grouped-GEMM paths compute the per-expert loop's sums: outputs and every
+    gradient (the sorted forward bit for bit)."""
     torch.manual_seed(0)
     moe = MoE(d, MoEConfig(num_routed=8, top_k=2, expert_hidden=hidden, num_shared=1)).train()
     x = torch.randn(3, 50, d, requires_grad=True)
     results = []
-    for grouped in (True, False):
-        moe.grouped = grouped
+    for mode in (dispatch, "loop"):
+        moe.dispatch = mode
         moe.zero_grad()
         x.grad = None
         out = moe(x)
         out.square().mean().backward()
         grads = [p.grad.clone() for p in moe.parameters()]
         results.append((out.detach(), x.grad.clone(), grads))
-    (out_g, dx_g, grads_g), (out_l, dx_l, grads_l) = results
-    torch.testing.assert_close(out_g, out_l, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(dx_g, dx_l, atol=1e-6, rtol=1e-5)
-    for g, ref in zip(grads_g, grads_l, strict=True):
+    moe.dispatch = None
+    (out_f, dx_f, grads_f), (out_l, dx_l, grads_l) = results
+    if dispatch == "sorted":
+        assert torch.equal(out_f, out_l)
+    torch.testing.assert_close(out_f, out_l, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dx_f, dx_l, atol=1e-6, rtol=1e-5)
+    for g, ref in zip(grads_f, grads_l, strict=True):
         torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-5)
     assert moe_grouped_used(moe, x) == (d % 4 == 0 and hidden % 4 == 0)
+
+
+def test_unknown_dispatch_is_refused():
+    moe = MoE(8, MoEConfig(num_routed=4, top_k=2, expert_hidden=8))
+    moe.dispatch = "fast"
+    with pytest.raises(ValueError, match="dispatch"):
+        moe(torch.randn(1, 3, 8))
 
 
 def moe_grouped_used(moe: MoE, x: torch.Tensor) -> bool:

@@ -75,6 +75,36 @@ def test_gate_off_passes_the_value(tiny_spec, deepseek_vocab):
     assert torch.equal(module.gates(hidden, rows), torch.ones(2, 24, 4))
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gate": False}, {"conv": False}, {"branch_keys": False}, {"gate": False, "conv": False}],
+)
+@pytest.mark.parametrize("M", [1, 4])
+def test_decode_step_equals_the_forward(tiny_spec, deepseek_vocab, options, M):
+    """The fused one-token step (`Engram._step`) against the readable forward, token by
+    token from a window, with a document start in the middle."""
+    module = make(tiny_spec, M=M, **options)
+    with torch.no_grad():  # trained norms and conv are not their init (ones, zeros)
+        for name, p in module.named_parameters():
+            if "norm" in name or "conv" in name:
+                p.normal_(std=0.5)
+    hidden, rows = inputs(tiny_spec, deepseek_vocab, M=M, T=12)
+    starts = torch.zeros(2, 12, dtype=torch.bool)
+    starts[1, 7] = True
+    with torch.no_grad():
+        want = module(hidden, rows, starts)
+        R = module.conv.receptive if module.conv is not None else 0
+        window = torch.zeros(2, R, M, 32)
+        got = torch.cat(
+            [
+                module(hidden[:, t : t + 1], rows[:, t : t + 1], starts[:, t : t + 1], None, window)
+                for t in range(12)
+            ],
+            dim=1,
+        )
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_branch_keys_off_shares_one_key(tiny_spec):
     assert make(tiny_spec, branch_keys=True).key_proj.out_features == 4 * 32
     assert make(tiny_spec, branch_keys=False).key_proj.out_features == 32

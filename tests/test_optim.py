@@ -55,8 +55,9 @@ def test_muon_takes_the_hidden_matrices(model_and_tok):
     assert not torch.equal(before, model.blocks[0].attn.q_proj.weight)
 
 
-def test_the_fused_adamw_steps_as_the_default_one(model_and_tok):
-    """optim.fused: AdamW's fused kernel takes the same steps to float tolerance."""
+def test_the_fused_adamw_steps_as_torchs_default(model_and_tok):
+    """optim.fused (on by default): AdamW's fused kernel takes the steps of torch's default
+    per-tensor loop (optim.fused=false) to float tolerance."""
     import copy
 
     base, tok = model_and_tok

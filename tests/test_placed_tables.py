@@ -77,9 +77,11 @@ def test_every_placement_trains_like_the_device(corpus, tmp_path):
     assert val == pytest.approx(runs["device"][0], rel=1e-5)
     assert curve == pytest.approx(runs["device"][1], rel=1e-5)
     # Adam turns a rounding difference in a near-zero gradient into an O(lr) step: a handful of
-    # elements differ visibly, the rest agree to float rounding.
+    # elements differ visibly (measured: under 0.5% with the MoE's per-expert loop, 0.72% with
+    # its sorted dispatch, whose gradients differ from the loop's by 2e-13), the rest agree to
+    # float rounding. A lost or misplaced row differs in all of its elements.
     torch.testing.assert_close(table, runs["device"][2], rtol=0, atol=1e-3)
-    assert (table - runs["device"][2]).abs().gt(1e-6).float().mean() < 0.005
+    assert (table - runs["device"][2]).abs().gt(1e-6).float().mean() < 0.01
     manifest = read_manifest(tmp_path / "disk+cache")
     assert set(manifest["tables"]["entries"]) == {"layer1"}
     assert manifest["tables"]["optimizers"]["layer1"]["steps"] == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -15,8 +16,9 @@ from small_runs import small_config
 
 from engram.checkpoint import find_checkpoint, read_manifest
 from engram.cli import main, train_config
-from engram.config import TrainConfig
+from engram.config import TrainConfig, load_recipe
 from engram.data.sources import source_fingerprint
+from engram.experiments.arms import study_from_recipe
 from engram.inference.load import load_trained
 from engram.train import train
 
@@ -119,6 +121,11 @@ def test_every_shipped_recipe_parses():
     recipes = sorted((ROOT / "recipes").glob("*.toml"))
     assert recipes, "no recipes shipped"
     for recipe in recipes:
+        study = load_recipe(recipe).get("study")
+        if study is not None:  # a study's recipe (`engram study NAME --recipe`)
+            module = importlib.import_module(f"engram.experiments.{study.replace('-', '_')}")
+            study_from_recipe(recipe, module.QUICK, study).validate()
+            continue
         cfg = train_config(str(recipe), [])
         cfg.validate()
 

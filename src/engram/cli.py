@@ -132,6 +132,10 @@ def train_config(recipe: str | None, overrides: Sequence[str]):
     from engram.model import model_preset
 
     values = load_recipe(recipe) if recipe else {}
+    if recipe and "study" in values:  # e.g. recipes/gpu-allocation.toml
+        raise ValueError(
+            f"recipe {recipe} is a study's: run engram study {values['study']} --recipe {recipe}"
+        )
     values.update(parse_assignments(list(overrides)))
     name = values.pop("preset", None)
     base = TrainConfig(model=model_preset(name)) if name else TrainConfig()

@@ -47,16 +47,22 @@ class HashState:
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int, name: str = "ids") -> None:
-    """Raise ValueError for anything that is not a [B, T] integer tensor of ids in [0, vocab)."""
+    """Raise ValueError for anything that is not a [B, T] integer tensor of ids in [0, vocab).
+
+    Under `torch.compile` only the type, dtype and shape are checked: the range check reads
+    the ids' values (`.min()`, `.max()` to Python), a data-dependent graph break. Compiled
+    callers validate their ids beforehand (the training data loader hashes, and so checks,
+    every batch eagerly); an id out of range there would index the lookup out of bounds.
+    """
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
     if ids.ndim != 2:
         raise ValueError(f"{name} must have shape [B, T], got {list(ids.shape)}")
-    if ids.numel() == 0:
+    if ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass over the ids
     if lo < 0:
         raise ValueError(f"{name} contains a negative id ({lo})")
     if hi >= vocab_size:
@@ -167,6 +173,8 @@ class NgramHasher:
                 f"state holds {list(state.history.shape)} history, expected "
                 f"[{B}, {self.spec.max_order - 1}] for this batch"
             )
+        if T == 1 and doc_starts is None and pads is None:
+            return self._hash_one(ids, canon, state, multipliers, primes)
         starts = self._document_starts(ids, doc_starts, pads)  # [B, T] bool or None
         dist = self._distance_to_start(starts, B, T, ids.device)  # [B, T]
         ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K-1+T]
@@ -179,6 +187,34 @@ class NgramHasher:
             empty = (pads.to(ids.device) == T)[:, None]
             new_state.history = torch.where(empty, state.history.to(ids.device), new_state.history)
         return rows, new_state
+
+    def _hash_one(
+        self,
+        ids: torch.Tensor,
+        canon: torch.Tensor,
+        state: HashState,
+        multipliers: torch.Tensor,
+        primes: torch.Tensor,
+    ) -> tuple[torch.Tensor, HashState]:
+        """A decoding step's hash (one token per row, no pads, no explicit starts): the same
+        rows as the general path in a third of the ops. The history already reads as pad past
+        a boundary, so only an EOS just seen needs handling."""
+        K, heads = self.spec.max_order, self.spec.config.heads_per_order
+        ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K], oldest first
+        products = ext[:, None] * multipliers.flip(1)  # [B, L, K]: column i is s_{K-1-i} m_{K-1-i}
+        mix, mixes = products[..., K - 1], []
+        for n in range(2, K + 1):
+            mix = mix ^ products[..., K - n]
+            if n in self.spec.orders:
+                mixes.append(mix)
+        layers = primes.shape[0]
+        p = primes.view(layers, len(mixes), heads)  # [L, orders, heads]
+        rows = torch.remainder(torch.stack(mixes, -1)[..., None], p)  # [B, L, orders, heads]
+        rows = rows.view(-1, layers, p[0].numel()).transpose(0, 1).unsqueeze(2)  # [L, B, 1, H]
+        history = ext[:, 1:]  # [B, K-1]
+        if self.spec.eos_id is not None:
+            history = torch.where(ids == self.spec.eos_id, self.spec.canonical_pad_id, history)
+        return rows, HashState(history, self.spec.canonical_pad_id)
 
     # ---- the computation, step by step ---------------------------------------------------------
     def _document_starts(

@@ -19,6 +19,7 @@ from engram.assembly import get_tokenizer
 from engram.experiments.arms import (
     STUDY_TRAIN,
     Study,
+    add_recipe_argument,
     add_set_argument,
     study_from_args,
     tokens_per_arm,
@@ -31,6 +32,7 @@ from engram.experiments.report import (
     write_json,
 )
 from engram.model import ModelConfig, model_preset
+from engram.model.accounting import training_flops_per_token
 from engram.model.planner import plan_from_moe
 
 
@@ -63,6 +65,7 @@ HELP = "loss against rho at fixed P_tot and P_act"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="3 rhos, 2 tiny budgets (a minute)")
+    add_recipe_argument(p)  # e.g. recipes/gpu-allocation.toml: the sweep sized for one GPU
     p.add_argument("--rhos", help="comma-separated, e.g. 1.0,0.8,0.6")
     p.add_argument("--budgets", help="comma-separated training steps, e.g. 150,300")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
@@ -82,14 +85,29 @@ def allocation_arms(base: ModelConfig, rhos: tuple[float, ...]) -> dict[float, A
     return {rho: plan_from_moe(moe, rho, engram=base.engram) for rho in rhos}
 
 
+def sweep_flops(cfg: AllocationConfig, plans: dict[float, Any] | None = None) -> float:
+    """Model FLOPs of training every arm, seed and budget (`training_flops_per_token`, the
+    arms' own steps, batch and seq_len after `--set`): what sizes a sweep for a machine."""
+    plans = plans or allocation_arms(model_preset(cfg.preset), cfg.rhos)
+    total = 0.0
+    for steps in cfg.budgets:
+        for plan in plans.values():
+            arm = cfg.arm(plan.config, cfg.seeds[0], cfg.out_dir, steps=steps)
+            per_token = training_flops_per_token(arm.model, arm.seq_len)
+            total += per_token * tokens_per_arm(arm) * len(cfg.seeds)
+    return total
+
+
 def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]:
     """Train every (budget, rho) point; write report.json, report.md and allocation.png."""
     cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    get_tokenizer(cfg.train.tokenizer, cfg.train.data)
     plans = allocation_arms(model_preset(cfg.preset), cfg.rhos)
+    # Trained (or loaded) once before the arms, as they will use it: `--set` overrides included.
+    first = cfg.arm(plans[cfg.rhos[0]].config, cfg.seeds[0], out, steps=cfg.budgets[0])
+    get_tokenizer(first.tokenizer, first.data)
     sweeps: dict[str, list[dict]] = {}
     for steps in cfg.budgets:
         arms = {f"rho-{rho}": plan.config for rho, plan in plans.items()}
@@ -105,6 +123,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     report = {
         "sweeps": sweeps,
         "config": cfg.report_config(),
+        "training_flops": sweep_flops(cfg, plans),
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }

@@ -25,6 +25,7 @@ from engram.config import (
     TrainConfig,
     apply_overrides,
     from_dict,
+    load_recipe,
     parse_assignments,
     to_dict,
 )
@@ -136,6 +137,43 @@ def add_set_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_recipe_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipe",
+        help="a TOML of the study's fields (study = NAME, its lists, [train] for the arms' "
+        "template); the other flags and --set override it",
+    )
+
+
+# Template fields every arm sets itself: a recipe naming them would be silently ignored.
+_ARM_OWNED = {"train.model": "preset", "train.seed": "seeds", "train.out_dir": "out_dir"}
+
+
+def study_from_recipe(path: str | Path, base: S, study: str) -> S:
+    """`base` with the fields of the TOML recipe at `path`, which must say `study = "<study>"`.
+
+    Top-level keys are the study's fields (`preset`, `seeds`, `rhos`...), `[train]` (and
+    `[train.optim]`...) the arms' `TrainConfig` template, as `engram train` recipes write it."""
+    values = load_recipe(path)
+    named = values.pop("study", None)
+    if named != study:
+        raise ValueError(
+            f"recipe {path} is for study {named!r}, not {study!r}"
+            if named is not None
+            else f'recipe {path} names no study: add study = "{study}" (or use engram train)'
+        )
+    for key in values:
+        owner = next(
+            (o for field, o in _ARM_OWNED.items() if key == field or key.startswith(field + ".")),
+            None,
+        )
+        if owner is not None:
+            raise ValueError(
+                f"recipe {path}: {key} is set by each arm of the study; use {owner} instead"
+            )
+    return apply_overrides(base, values)
+
+
 def study_from_args(
     args: argparse.Namespace,
     full: S,
@@ -143,10 +181,13 @@ def study_from_args(
     lists: Mapping[str, type] | None = None,
     **changes: Any,
 ) -> S:
-    """The study config a command line names: `--quick` picks the base, then `changes`, the
-    comma-separated `lists` (attribute -> item type) and `--seeds`, `--out`, the template flags
-    (`--steps`, `--eval-tokens`, `--data`) and the `--set` overrides."""
+    """The study config a command line names: `--quick` picks the base, `--recipe` (if the
+    study takes one) replaces its fields, then `changes`, the comma-separated `lists`
+    (attribute -> item type) and `--seeds`, `--out`, the template flags (`--steps`,
+    `--eval-tokens`, `--data`) and the `--set` overrides."""
     cfg = quick if args.quick else full
+    if getattr(args, "recipe", None):
+        cfg = study_from_recipe(args.recipe, cfg, getattr(args, "study", None) or "")
     for name, kind in {**(lists or {}), "seeds": int}.items():
         if getattr(args, name, None):
             changes[name] = parse_list(getattr(args, name), kind, name.replace("_", "-"))
@@ -252,11 +293,13 @@ def train_arms(
 __all__ = [
     "STUDY_TRAIN",
     "Study",
+    "add_recipe_argument",
     "add_set_argument",
     "aggregate",
     "arm_config",
     "finished_summary",
     "study_from_args",
+    "study_from_recipe",
     "tokens_per_arm",
     "train_arm",
     "train_arms",

@@ -194,6 +194,63 @@ PRESETS: dict[str, ModelConfig] = {
             )
         ),
     ),
+    # The demo's shape at twice the width, for the GPU allocation study
+    # (`recipes/gpu-allocation.toml`): 4 blocks of width 256, the first dense, then 64 routed
+    # experts (top-2) of hidden 256 and 1 shared. Its MoE baseline (the study's rho = 1 arm) has
+    # 3.2M active and 39.8M total parameters outside the embeddings (`engram plan --preset
+    # gpu-small`) and costs about 32 MFLOP per training token at T = 512 with a 4096-id BPE:
+    # small enough that 14 arms of 21M tokens fit in 9 minutes of one H100 at a pessimistic 3%
+    # MFU (docs/benchmarks.md, GPU). The table is the size the planner gives at rho = 0.8 (with
+    # 52 experts); the study derives every arm from the MoE baseline.
+    "gpu-small": ModelConfig(
+        vocab_size=4096,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=768,
+        moe=MoEConfig(num_routed=64, top_k=2, expert_hidden=256),
+        hc_branches=1,
+        max_seq_len=1024,
+        engram=EngramOptions(
+            spec=SpecConfig(
+                tokenizer="deepseek",
+                layer_ids=(1,),
+                orders=(2, 3),
+                heads_per_order=4,
+                base_sizes=(54781, 54781),
+                row_dim=16,
+            )
+        ),
+    ),
+    # One GPU's training-speed model (bench/gpu_train.py, bench/gpu_decode.py): the layout of
+    # `paper-3b-ablation` below (12 blocks, 64 routed experts top-6 plus 2 shared, Engram at
+    # blocks 1 and 5 with 8 heads per order) at GPT-2 small's width, 768. 105M parameters are
+    # active per token and 0.80B in total outside the embeddings (`engram plan --preset gpu`),
+    # with the DeepSeek tokenizer as the paper. Every width is a multiple of 128 (d, experts,
+    # dense FFN, d_mem = 16 x 64) and heads are 64 wide, so bf16 GEMMs fill the tensor cores;
+    # mHC is off (M = 1): the plain residual stream. Not yet measured on a GPU.
+    "gpu": ModelConfig(
+        vocab_size=129280,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_hidden=2048,
+        moe=MoEConfig(num_routed=64, top_k=6, expert_hidden=384, num_shared=2),
+        hc_branches=1,
+        max_seq_len=2048,
+        engram=EngramOptions(
+            spec=SpecConfig(
+                tokenizer="deepseek",
+                layer_ids=(1, 5),
+                orders=(2, 3),
+                heads_per_order=8,
+                base_sizes=(65536, 65536),
+                row_dim=64,
+            )
+        ),
+    ),
     # The paper's ablation backbone (section 5): 12 layers, 3B total / 0.56B active, Engram at
     # layers 2 and 6 (0-based 1 and 5) with mHC M = 4 and a 1.6B table. Widths and expert counts
     # are our reading of a DeepSeekMoE-style model of that size (the paper does not list them):

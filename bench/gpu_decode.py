@@ -1,0 +1,135 @@
+"""Cached decoding tokens/s on one GPU: a preset with and without Engram (issue 16).
+
+The `gpu` preset (Engram at blocks 1 and 5) and its backbone without Engram, in eval mode with
+fp32 weights as `engram generate` runs them, decode greedily with the cache (K/V, N-gram
+history, conv windows) after the same random prompt: `--steps` tokens per measurement, the two
+models alternating over `--repeats` rounds after one warm-up round, each waiting for the
+device; medians are reported. At batch 1 a step is a chain of small kernels, so this measures
+per-step overhead more than arithmetic. Then, on one cached sequence of the Engram model,
+steps with Engram on and switched off alternate: the difference is Engram's share of a step
+(bench/decode.py does the same on a CPU for the `demo` preset over contexts).
+
+The last line of output is one JSON record (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from gpu_models import ARMS, interleaved, model_pair, record, timed, write
+
+from engram.assembly import pick_device
+from engram.model import EngramLM
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpu")
+    ap.add_argument("--tokenizer", default="", help="default: the preset's spec tokenizer")
+    ap.add_argument("--device", default="auto", help="auto, cuda, cpu...")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/gpu_decode.json"))
+    args = ap.parse_args()
+    if min(args.batch, args.prompt, args.steps, args.repeats) < 1:
+        raise SystemExit(
+            f"--batch {args.batch}, --prompt {args.prompt}, --steps {args.steps} and "
+            f"--repeats {args.repeats} must be >= 1"
+        )
+    return args
+
+
+@torch.no_grad()
+def decode_seconds(model: EngramLM, prompt: torch.Tensor, steps: int) -> float:
+    """Prefill `prompt` into a fresh cache (untimed), then time `steps` greedy tokens."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+    first = model(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+
+    def loop() -> None:
+        token = first
+        for _ in range(steps):
+            token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+
+    return timed(loop, prompt.device)
+
+
+@torch.no_grad()
+def engram_share(model: EngramLM, prompt: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median step time with Engram on and off, alternating on one cached sequence."""
+    device = prompt.device
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + 2 * repeats + 4)
+    model(prompt, cache=cache)
+    token = prompt[:, -1:]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(2 * repeats + 2):  # the first two steps warm up
+        off = r % 2 == 1
+        seconds = timed(lambda off=off: model(token, cache=cache, engram_off=off), device)
+        if r >= 2:
+            times[off].append(seconds)
+    on, off = statistics.median(times[False]), statistics.median(times[True])
+    return {"step_ms": on * 1e3, "engram_off_ms": off * 1e3, "engram_share": (on - off) / on}
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    models, tok = model_pair(args.preset, args.tokenizer, device)
+    for model in models.values():
+        model.eval()
+    share_repeats = 3 * args.repeats  # one-step timings are noisier than whole decodes
+    capacity = args.prompt + max(args.steps, 2 * share_repeats + 4)
+    if capacity > models["with"].config.max_seq_len:
+        raise SystemExit(
+            f"--prompt {args.prompt} plus the decode steps exceed the preset's max_seq_len "
+            f"{models['with'].config.max_seq_len}"
+        )
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, tok.vocab_size, (args.batch, args.prompt), generator=gen)
+    prompt = prompt.to(device)
+    seconds = interleaved(
+        lambda arm: decode_seconds(models[arm], prompt, args.steps), 1, args.repeats
+    )
+    results: dict = {}
+    for arm in ARMS:
+        loop = statistics.median(seconds[arm])
+        results[arm] = {
+            "tokens_per_s": args.batch * args.steps / loop,
+            "ms_per_step": loop / args.steps * 1e3,
+            "ms_per_step_min": min(seconds[arm]) / args.steps * 1e3,
+            "ms_per_step_max": max(seconds[arm]) / args.steps * 1e3,
+        }
+    results["ratio"] = results["with"]["tokens_per_s"] / results["without"]["tokens_per_s"]
+    results["engram_step"] = engram_share(models["with"], prompt, share_repeats)
+    print(f"decode, batch {args.batch}, {args.prompt}-token prompt, {args.steps} steps:")
+    for arm in ARMS:
+        r = results[arm]
+        print(
+            f"  {arm:<8} Engram: {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step"
+        )
+    e = results["engram_step"]
+    print(
+        f"  ratio with/without: {results['ratio']:.3f}; Engram's part of a step "
+        f"{e['step_ms'] - e['engram_off_ms']:.3f} of {e['step_ms']:.3f} ms"
+    )
+    config = {
+        "preset": args.preset,
+        "tokenizer": tok.name,
+        "vocab_size": tok.vocab_size,
+        "device": str(device),
+        "weights": "fp32",
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "steps": args.steps,
+        "repeats": args.repeats,
+    }
+    write(record("gpu_decode", device, config, results), args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
