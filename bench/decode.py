@@ -41,7 +41,7 @@ def build(engram: bool, tok, vocab, max_len: int) -> EngramLM:
     return EngramLM(config, spec, NgramHasher(spec, vocab)).eval()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as engram.inference.generate decodes
 def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int) -> dict:
     """Median decode tokens/s of each model, interleaved, from the same prompt."""
     gen = torch.Generator().manual_seed(0)
@@ -61,7 +61,7 @@ def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int)
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as engram.inference.generate decodes
 def step_times(model: EngramLM, contexts: list[int], repeats: int) -> list[dict]:
     """Per-step time at each context length, Engram on vs off on the same cache."""
     gen = torch.Generator().manual_seed(1)

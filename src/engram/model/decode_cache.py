@@ -110,6 +110,8 @@ def document_starts(ids: torch.Tensor, eos_id: int | None, real=None, last_eos=N
     """[B, T] bool: tokens whose predecessor (the previous real token) is an EOS; or None."""
     if eos_id is None:
         return None
+    if ids.shape[1] == 1 and real is not None and last_eos is not None:
+        return real & last_eos[:, None]  # a decode step: its one token follows the cache
     starts = torch.zeros_like(ids, dtype=torch.bool)
     prev_eos = ids[:, :-1] == eos_id
     if real is not None:
