@@ -91,6 +91,22 @@ def step_times(model: EngramLM, contexts: list[int], repeats: int) -> list[dict]
     return rows
 
 
+@torch.inference_mode()
+def op_counts(model: EngramLM, batch: int = 1) -> dict[str, int]:
+    """Top-level torch ops of one decode step, Engram on and switched off (the profiler's
+    count, exact and machine-independent): what a step's Engram adds is mostly op dispatch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(batch, 200)
+    token = model(torch.randint(0, 4000, (batch, 64)), cache=cache)[:, -1:].argmax(-1)
+    counts = {}
+    for name, off in (("on", False), ("off", True)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(token, cache=cache, engram_off=off)
+        counts[name] = sum(1 for e in prof.events() if e.cpu_parent is None)
+    return {**counts, "engram": counts["on"] - counts["off"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
@@ -117,6 +133,8 @@ def main() -> None:
             f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
             f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f}"
         )
+    results["ops_per_step"] = op_counts(models["with"])
+    print(f"ops per decode step: {results['ops_per_step']}")
     results["step_times"] = step_times(models["with"], contexts, 3 * args.repeats)
     print(f"\n{'context':>8}{'step ms':>10}{'off ms':>10}{'Engram ms':>11}{'share':>8}")
     for r in results["step_times"]:

@@ -253,3 +253,11 @@ def test_overencoding_trains(small_tok):
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1, f"loss did not fall: {losses}"
     assert not torch.equal(model.engram_layers[0].table.weight, table)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+def test_top_k_picks_as_torch_topk(k):
+    from engram.model.moe import _top_k
+
+    x = torch.rand(200, 16, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(_top_k(x, k), torch.topk(x, k, dim=-1).indices)

@@ -330,6 +330,7 @@ STUDIES = (
     "collisions",
     "controls",
     "gates",
+    "granularity",
     "logit-lens",
     "cka",
     "memory",

@@ -82,8 +82,8 @@ def demo_arms(base: ModelConfig, rho: float) -> tuple[dict[str, ModelConfig], An
     """The three iso-compute arms built from a MoE preset, and the allocation plan."""
     moe = base.with_(engram=None)
     plan = plan_from_moe(moe, rho, engram=base.engram)
-    experts = moe.moe.top_k + moe.moe.num_shared
-    dense = moe.with_(moe=None, ffn_hidden=experts * moe.moe.expert_hidden)
+    active = moe.moe.top_k * moe.moe.expert_hidden + moe.moe.shared_width
+    dense = moe.with_(moe=None, ffn_hidden=active)
     return {"moe": moe, "engram": plan.config, "dense": dense}, plan
 
 

@@ -8,6 +8,7 @@ manifold-constrained hyper-connections with M residual branches, and Engram memo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -18,13 +19,27 @@ from engram.spec import preset as spec_preset
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """DeepSeekMoE: `num_shared` always-on experts plus top-k of `num_routed` routed experts."""
+    """DeepSeekMoE: `num_shared` always-on experts plus top-k of `num_routed` routed experts.
+
+    The shared experts run as one fused SwiGLU of width `shared_width`: `num_shared *
+    expert_hidden` unless `shared_hidden` sets it. Setting it lets the routed experts be cut
+    finer (`granular`) while the shared part keeps its width, as DeepSeekMoE's fine-grained
+    segmentation does.
+    """
 
     num_routed: int
     top_k: int
     expert_hidden: int  # SwiGLU hidden size of one (fine-grained) expert
     num_shared: int = 1
     bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step (DeepSeek-V3's gamma)
+    shared_hidden: int | None = None  # the shared experts' total width; None: see shared_width
+
+    @property
+    def shared_width(self) -> int:
+        """The fused shared SwiGLU's hidden size (0: no shared expert)."""
+        if self.shared_hidden is None:
+            return self.num_shared * self.expert_hidden
+        return self.shared_hidden
 
     def validate(self) -> None:
         if self.num_routed < 1 or not 1 <= self.top_k <= self.num_routed:
@@ -34,8 +49,47 @@ class MoEConfig:
                 f"MoE expert_hidden={self.expert_hidden} must be >= 1 and "
                 f"num_shared={self.num_shared} >= 0"
             )
+        if self.shared_hidden is not None and self.shared_hidden < 0:
+            raise ValueError(f"MoE shared_hidden={self.shared_hidden} must be >= 0 (or none)")
+        if self.num_shared == 0 and self.shared_hidden:
+            raise ValueError(
+                f"MoE shared_hidden={self.shared_hidden} gives a width to shared experts, "
+                "but num_shared=0 has none"
+            )
         if self.bias_update_rate < 0:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be >= 0")
+
+
+def granular(moe: MoEConfig, g: float) -> MoEConfig:
+    """`moe` with its routed experts cut g times finer (DeepSeekMoE's fine-grained expert
+    segmentation, arXiv 2401.06066): g x the experts, g x top_k, each 1/g as wide.
+
+    The routed experts' total width (num_routed x expert_hidden) and active width (top_k x
+    expert_hidden) stay the same, and so does the shared experts' width (made explicit in
+    `shared_hidden`); only the router (d x num_routed per layer) changes size. g = 1 returns
+    `moe` itself. A g that leaves a fractional count or width is a ValueError.
+    """
+    if not isinstance(g, int | float) or not math.isfinite(g) or g <= 0:
+        raise ValueError(f"granularity g={g} must be a positive number")
+    if g == 1:
+        return moe
+
+    def whole(value: float, name: str) -> int:
+        if abs(value - round(value)) > 1e-9 or round(value) < 1:
+            raise ValueError(
+                f"granularity g={g} does not divide the MoE evenly: {name} would be {value:g} "
+                f"(num_routed={moe.num_routed}, top_k={moe.top_k}, "
+                f"expert_hidden={moe.expert_hidden})"
+            )
+        return round(value)
+
+    return replace(
+        moe,
+        num_routed=whole(moe.num_routed * g, "num_routed"),
+        top_k=whole(moe.top_k * g, "top_k"),
+        expert_hidden=whole(moe.expert_hidden / g, "expert_hidden"),
+        shared_hidden=moe.shared_width,
+    )
 
 
 SITES = ("block", "input")
@@ -285,4 +339,4 @@ def model_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-__all__ = ["PRESETS", "EngramOptions", "MoEConfig", "ModelConfig", "model_preset"]
+__all__ = ["PRESETS", "EngramOptions", "MoEConfig", "ModelConfig", "granular", "model_preset"]

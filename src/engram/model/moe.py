@@ -32,6 +32,19 @@ def _grouped_mm_supported(x: torch.Tensor, hidden: int) -> bool:
     return False
 
 
+def _top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`torch.topk(x, k).indices` along the last dim (largest first). For k <= 4 as k passes of
+    `max`: torch's CPU topk measured 3.5x slower at k = 2 on [4096, 64] (1.06 vs 0.30 ms)."""
+    if k > 4:
+        return torch.topk(x, k, dim=-1).indices
+    picks = []
+    for j in range(k):
+        picks.append(x.argmax(dim=-1, keepdim=True))  # ties: the first (topk leaves it open)
+        if j + 1 < k:
+            x = x.scatter(-1, picks[-1], float("-inf"))
+    return torch.cat(picks, dim=-1)
+
+
 class MoE(nn.Module):
     # How routed experts run (all give the same sums; tests/test_model.py compares them):
     # "loop", the readable reference, gathers and scatters each expert's tokens separately;
@@ -49,9 +62,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(d, E, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d, config.expert_hidden) for _ in range(E))
         # The shared experts are always active, so they fuse into one wider SwiGLU.
-        self.shared = (
-            SwiGLU(d, config.expert_hidden * config.num_shared) if config.num_shared else None
-        )
+        self.shared = SwiGLU(d, config.shared_width) if config.shared_width else None
         # Balancing bias is state, not a parameter: saved in checkpoints, never given gradients.
         self.register_buffer("route_bias", torch.zeros(E))
         self.register_buffer("load", torch.zeros(E), persistent=False)  # tokens since update
@@ -62,7 +73,7 @@ class MoE(nn.Module):
 
         # 1. Affinities and top-k selection (bias only for selection): idx, weights [N, k]
         scores = torch.sigmoid(self.router(flat).float())  # [N, E]
-        _, idx = torch.topk(scores + self.route_bias, self.config.top_k, dim=-1)
+        idx = _top_k(scores + self.route_bias, self.config.top_k)  # [N, k]
         weights = scores.gather(1, idx)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 

@@ -99,6 +99,7 @@ def _layout(
     if engram is not None:
         spec = replace(engram.spec, base_sizes=(base_size,) * len(engram.spec.orders))
         engram = replace(engram, spec=spec)
+    # Only the routed count changes: the shared experts' width (`shared_width`) is backbone.
     return base.with_(moe=replace(base.moe, num_routed=num_routed), engram=engram)
 
 
@@ -311,7 +312,8 @@ def format_plan(plan: AllocationPlan) -> str:
         f"Iso-parameter allocation (paper section 3.1): rho requested {plan.target_rho:.3f}, "
         f"achieved {_fmt(counts.rho)}",
         *_table(plan),
-        f"routed experts: {moe.num_routed} (top-{moe.top_k} active) in {moe_layers} MoE layers; "
+        f"routed experts: {moe.num_routed} (top-{moe.top_k} active, hidden "
+        f"{moe.expert_hidden}; shared hidden {moe.shared_width}) in {moe_layers} MoE layers; "
         f"one expert in every MoE layer = {plan.expert_size:,} parameters",
     ]
     engram = plan.config.engram
