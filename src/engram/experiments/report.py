@@ -42,10 +42,14 @@ def git_commit() -> str:
 @functools.cache
 def worktree_dirty() -> bool | None:
     """Whether tracked files differed from the commit when this process first asked (None: no
-    git): a result measured on uncommitted code says so."""
+    git): a result measured on uncommitted code says so. Recorded results (`bench/results/`,
+    `results/`) are outputs, not code: a benchmark run after another's new record is clean."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "-uno", "--", ".", ":!bench/results", ":!results"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
