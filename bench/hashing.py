@@ -38,7 +38,7 @@ from engram.vocab import CompressedVocab, compress
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "hashing.json"
-GOAL_RATIO = 2.0  # the issue's target: torch at least 2x the numpy reference on this CPU
+GOAL_RATIO = 3.0  # issue 16 (2.0 before)
 BUSY_SHARE = 0.1  # warn when other processes took more than this share of the CPU meanwhile
 
 
@@ -120,9 +120,21 @@ def make_variants(
                 f"{preset}: torch rows of layer {layer} differ from the numpy "
                 "reference; not benchmarking a wrong hasher"
             )
+    # The floor under the torch hasher: its 64-bit remainders alone, on the same mixes and
+    # primes (x86 has no vector instruction for 64-bit integer division).
+    _, multipliers, primes = hasher._constants(ids_t.device)
+    B, T = ids_t.shape
+    ext = torch.cat([hasher.initial_state(B).history, hasher.canonicalize(ids_t)], dim=1)
+    mixes = hasher._mixes(hasher._shifts(ext, None, T), multipliers).unsqueeze(2)
+    p = primes.view(*mixes.shape[:2], heads, 1, 1)
+
+    def remainders() -> torch.Tensor:
+        return torch.remainder(mixes, p)
+
     variants = [
         Variant(preset, "numpy reference", 1, numpy_hash),
         Variant(preset, "torch NgramHasher", threads, torch_hash),
+        Variant(preset, "(its 64-bit remainders alone)", threads, remainders),
     ]
     if threads != 1:
         variants.append(Variant(preset, "torch NgramHasher", 1, torch_hash))
@@ -257,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             "ratio": round(ratio, 3),
             "torch_1thread_tokens_per_s": torch1_tps,
             "ratio_1thread": round(ratio1, 3),
+            # The most any hasher whose 64-bit remainders run at this speed could reach: the
+            # reference's time over the remainders' alone.
+            "remainders_alone_tokens_per_s": tps(args.preset, "(its 64-bit", threads),
+            "ratio_bound": round(tps(args.preset, "(its 64-bit", threads) / numpy_tps, 3),
             "goal_ratio": GOAL_RATIO,
             "goal_met": ratio >= GOAL_RATIO,
             "rows": results,
@@ -274,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     header = (
-        f"{'preset':<9} {'implementation':<19} {'threads':>7} {'ms/call':>9} "
+        f"{'preset':<9} {'implementation':<30} {'threads':>7} {'ms/call':>9} "
         f"{'Mtok/s':>8} {'best':>8} {'vs numpy':>9}"
     )
     print(header)
@@ -282,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         base = tps(r["preset"], "numpy", 1)
         print(
-            f"{r['preset']:<9} {r['implementation']:<19} {r['threads']:>7} "
+            f"{r['preset']:<9} {r['implementation']:<30} {r['threads']:>7} "
             f"{r['median_ms']:>9.2f} {r['tokens_per_s'] / 1e6:>8.2f} "
             f"{r['best_tokens_per_s'] / 1e6:>8.2f} {r['tokens_per_s'] / base:>8.2f}x"
         )

@@ -271,18 +271,20 @@ class NgramHasher:
         [L, B, T, H] view: a long inner loop over positions is what makes the 64-bit divisions
         (which x86 cannot vectorise) run at full speed; see docs/benchmarks.md.
         """
-        heads = self.spec.config.heads_per_order
+        mixes = self._mixes(shifts, multipliers)  # [L, O, B, T]
+        p = primes.view(*mixes.shape[:2], self.spec.config.heads_per_order, 1, 1)  # [L, O, h, 1, 1]
+        rows = torch.remainder(mixes.unsqueeze(2), p)  # [L, O, heads, B, T]
+        return rows.flatten(1, 2).permute(0, 2, 3, 1)  # [L, B, T, H] (strided view)
+
+    def _mixes(self, shifts: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+        """mix_n for every layer and order: [L, O, B, T] int64 (before the primes)."""
         mix = shifts[0] * multipliers[:, 0, None, None]  # [L, B, T]
         mixes = []
         for n in range(2, self.spec.max_order + 1):
             mix = mix ^ (shifts[n - 1] * multipliers[:, n - 1, None, None])
             if n in self.spec.orders:
                 mixes.append(mix)
-        L, B, T = mix.shape
-        mixes = torch.stack(mixes, dim=1)  # [L, O, B, T]
-        p = primes.view(L, len(self.spec.orders), heads, 1, 1)  # [L, O, heads, 1, 1]
-        rows = torch.remainder(mixes.unsqueeze(2), p)  # [L, O, heads, B, T]
-        return rows.flatten(1, 2).permute(0, 2, 3, 1)  # [L, B, T, H] (strided view)
+        return torch.stack(mixes, dim=1)
 
     def _next_state(
         self, ext: torch.Tensor, ids: torch.Tensor, dist: torch.Tensor | None, T: int
