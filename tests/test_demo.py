@@ -59,3 +59,24 @@ def test_quick_demo_writes_the_report(corpus, tmp_path, capsys):
 def test_quick_config_is_small():
     assert QUICK.train.steps * QUICK.train.batch_size * QUICK.train.seq_len <= 50_000
     assert not QUICK.reuse  # the demo always retrains its arms
+
+
+def test_a_granularity_reports_moe_is_the_baseline(corpus, tmp_path):
+    """--baseline: the MoE a granularity study chose replaces the preset's, the Engram arm is
+    planned from it (still iso-parameter), and the report names it."""
+    from engram.config import to_dict
+    from engram.model import granular
+
+    finer = granular(model_preset("demo").moe, 2)
+    study = tmp_path / "granularity"
+    study.mkdir()
+    (study / "report.json").write_text(json.dumps({"best_moe": to_dict(finer)}))
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--data", str(corpus), "--out", str(out), "--steps", "2"]
+    assert main([*argv, "--baseline", str(study)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"]["moe"] == to_dict(finer)
+    assert report["arms"]["moe"]["routed_experts"] == 128
+    assert report["arms"]["engram"]["routed_experts"] < 128
+    assert "granularity study's choice" in (out / "report.md").read_text()
+    assert main([*argv, "--baseline", str(tmp_path)]) == 2  # not a granularity report

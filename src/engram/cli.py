@@ -454,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/demo or runs/demo-quick)")
     p.add_argument(
+        "--baseline",
+        help="a granularity study's report (or its folder): its chosen MoE replaces the "
+        "preset's, and the Engram arm is planned from it",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],

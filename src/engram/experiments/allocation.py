@@ -19,6 +19,7 @@ from engram.assembly import get_tokenizer
 from engram.experiments.arms import (
     STUDY_TRAIN,
     Study,
+    add_baseline_argument,
     add_recipe_argument,
     add_set_argument,
     study_from_args,
@@ -31,7 +32,7 @@ from engram.experiments.report import (
     plot_curves,
     write_json,
 )
-from engram.model import ModelConfig, model_preset
+from engram.model import ModelConfig
 from engram.model.accounting import training_flops_per_token
 from engram.model.planner import plan_from_moe
 
@@ -71,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/allocation[-quick])")
+    add_baseline_argument(p)
     add_set_argument(p)
 
 
@@ -88,7 +90,7 @@ def allocation_arms(base: ModelConfig, rhos: tuple[float, ...]) -> dict[float, A
 def sweep_flops(cfg: AllocationConfig, plans: dict[float, Any] | None = None) -> float:
     """Model FLOPs of training every arm, seed and budget (`training_flops_per_token`, the
     arms' own steps, batch and seq_len after `--set`): what sizes a sweep for a machine."""
-    plans = plans or allocation_arms(model_preset(cfg.preset), cfg.rhos)
+    plans = plans or allocation_arms(cfg.base_model(), cfg.rhos)
     total = 0.0
     for steps in cfg.budgets:
         for plan in plans.values():
@@ -104,7 +106,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    plans = allocation_arms(model_preset(cfg.preset), cfg.rhos)
+    plans = allocation_arms(cfg.base_model(), cfg.rhos)
     # Trained (or loaded) once before the arms, as they will use it: `--set` overrides included.
     first = cfg.arm(plans[cfg.rhos[0]].config, cfg.seeds[0], out, steps=cfg.budgets[0])
     get_tokenizer(first.tokenizer, first.data)

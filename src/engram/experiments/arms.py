@@ -30,7 +30,7 @@ from engram.config import (
     to_dict,
 )
 from engram.experiments.report import parse_list
-from engram.model import ModelConfig
+from engram.model import ModelConfig, model_preset
 from engram.model.accounting import count_params_from_config
 from engram.train import train
 
@@ -91,12 +91,24 @@ class Study:
     preset: str = "demo"
     reuse: bool = True  # read back finished runs with identical configs instead of retraining
     overrides: tuple[str, ...] = ()  # key=value on every arm's TrainConfig (`--set`), last
+    # A granularity study's report (`engram study granularity`): its chosen MoE replaces the
+    # preset's, so that Engram is measured against the strongest MoE found, not the preset's.
+    baseline: str = ""
 
     def validate_training(self) -> None:
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         check_template(self.train)
         parse_assignments(list(self.overrides))
+
+    def base_model(self, preset: str | None = None) -> ModelConfig:
+        """The preset's model (`preset` or the study's), with the `baseline` report's MoE."""
+        model = model_preset(preset or self.preset)
+        if not self.baseline:
+            return model
+        from engram.experiments.granularity import best_baseline  # it imports this module
+
+        return model.with_(moe=best_baseline(self.baseline))
 
     def arm(self, model: ModelConfig, seed: int, out: str | Path, **changes: Any) -> TrainConfig:
         """One arm's config; `changes` replace template fields first (e.g. steps=budget)."""
@@ -134,6 +146,14 @@ def add_set_argument(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a TrainConfig field for every arm, as `engram train` takes it (repeatable), "
         "e.g. --set optim.lr=1e-3 --set batch_size=8",
+    )
+
+
+def add_baseline_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--baseline",
+        help="a granularity study's report (or its folder): its chosen MoE replaces the "
+        "preset's as the baseline every arm derives from",
     )
 
 
@@ -197,6 +217,8 @@ def study_from_args(
     parse_assignments(list(sets))  # a malformed key=value fails before any work
     if getattr(args, "out", None):
         changes["out_dir"] = args.out
+    if getattr(args, "baseline", None):
+        changes["baseline"] = args.baseline
     return replace(cfg, train=train, overrides=cfg.overrides + sets, **changes)
 
 

@@ -29,6 +29,7 @@ from engram.experiments.arms import (
     STUDY_TRAIN,
     SUMMARY,
     Study,
+    add_baseline_argument,
     add_set_argument,
     aggregate,
     finished_summary,
@@ -45,7 +46,6 @@ from engram.experiments.control_arms import (
 from engram.experiments.report import machine_info, markdown_table, pyplot, write_json
 from engram.experiments.token_kinds import KINDS, WORDS, classify_stream, group_table, piece_texts
 from engram.inference.load import load_trained
-from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
 
 VARIANTS = ("on", "off", "shuffled", "zeroed")
@@ -94,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, help="validation tokens (default 131072)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/controls[-quick|-ckpt])")
+    add_baseline_argument(p)
     add_set_argument(p)
 
 
@@ -109,7 +110,7 @@ def run_cli(args: argparse.Namespace) -> None:
 def train_arm(cfg: ControlsConfig, name: str, seed: int, out: Path) -> dict[str, Any]:
     """Train one control arm (or reuse its finished run), as `arms.train_arm` trains plain arms."""
     control = CONTROLS[name]
-    model = control.model_config(model_preset(cfg.preset))
+    model = control.model_config(cfg.base_model())
     config = cfg.arm(model, seed, out)
     summary = finished_summary(config) if cfg.reuse else None
     if summary is not None and read_control(out) == name:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from engram.assembly import get_tokenizer
-from engram.config import TrainConfig
+from engram.config import TrainConfig, to_dict
 from engram.experiments.arms import STUDY_TRAIN, Study, aggregate, train_runs
 from engram.experiments.report import machine_info, markdown_table, plot_curves, write_json
-from engram.model import ModelConfig, model_preset
+from engram.model import ModelConfig
 from engram.model.planner import format_plan, plan_from_moe
 
 ARMS = ("moe", "engram", "dense")
@@ -104,6 +104,22 @@ def train_demo_arms(
     return aggregated, per_seed
 
 
+def _baseline_line(report: dict) -> str:
+    """Which MoE the arms derive from: the preset's, or a granularity study's choice."""
+    moe, source = report["baseline"]["moe"], report["config"].get("baseline")
+    shared = moe["shared_hidden"] or moe["num_shared"] * moe["expert_hidden"]
+    layout = (
+        f"{moe['num_routed']} routed experts of width {moe['expert_hidden']}, top-"
+        f"{moe['top_k']}, shared width {shared}"
+    )
+    if not source:
+        return f"MoE baseline: the preset's own ({layout})."
+    return (
+        f"MoE baseline: the granularity study's choice in `{source}` ({layout}); its sweep is "
+        "in that report."
+    )
+
+
 def _markdown(report: dict, plan_text: str) -> str:
     arms, seeds = report["arms"], report["config"]["seeds"]
     rows = [
@@ -161,6 +177,8 @@ commit {m["commit"]}; {report["seconds"]:.0f} s in total.
 
 {table}
 
+{_baseline_line(report)}
+
 Validation loss after the same tokens: MoE {arms["moe"]["val_loss"]:.4f}, Engram
 {arms["engram"]["val_loss"]:.4f} ({gap:+.4f} nats in Engram's favour), dense
 {arms["dense"]["val_loss"]:.4f}. {verdict}{caveat}. "spread" is max - min over seeds.
@@ -185,14 +203,15 @@ def run_demo(demo: DemoConfig = DemoConfig(), preset: str | None = None) -> dict
     start = time.perf_counter()
     # Build once, before the clocks of the arms start.
     get_tokenizer(demo.train.tokenizer, demo.train.data)
-    arms, plan = demo_arms(model_preset(preset), demo.rho)
+    arms, plan = demo_arms(demo.base_model(preset), demo.rho)
     plan_text = format_plan(plan)
     print(plan_text, flush=True)
     aggregated, per_seed = train_demo_arms(demo, arms)
     report = {
         "arms": aggregated,
         "per_seed": per_seed,
-        "config": {**demo.report_config(), "preset": preset},
+        "config": {**demo.report_config(), "preset": preset, "baseline": demo.baseline},
+        "baseline": {"moe": to_dict(arms["moe"].moe)},
         "plan": {
             "rho": plan.rho,
             "num_routed": plan.num_routed,
