@@ -101,6 +101,15 @@ def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
             assert math.isclose(p["val_loss"], sum(p["val_loss_per_seed"]) / 2)
     assert (out / "allocation.png").stat().st_size > 1000
     assert "Lowest loss at rho" in (out / "report.md").read_text()
+    # Engram's gain over the pure MoE at each budget, paired by seed (issue 17: more tokens).
+    trend = report["trend"]
+    assert [(t["tokens"], t["rho"]) for t in trend] == [(3 * 8 * 64, 0.6), (4 * 8 * 64, 0.6)]
+    for t, points in zip(trend, report["sweeps"].values(), strict=True):
+        moe, engram = (p["val_loss_per_seed"] for p in points)
+        assert t["diff_per_seed"] == [m - e for m, e in zip(moe, engram, strict=True)]
+        assert t["verdict"] in ("resolved", "unresolved")
+    assert (out / "gap_vs_tokens.png").stat().st_size > 1000
+    assert "gain against training tokens" in (out / "report.md").read_text()
     # A rerun reads the finished points back instead of training them again.
     capsys.readouterr()
     assert main(argv) == 0

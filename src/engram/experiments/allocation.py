@@ -129,7 +129,10 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }
+    report["trend"] = token_trend(sweeps)
     write_json(out / "report.json", report)
+    if report["trend"]:
+        plot_trend(report["trend"], out / "gap_vs_tokens.png")
     plot_curves(
         {label: [[p["rho_achieved"], p["val_loss"]] for p in pts] for label, pts in sweeps.items()},
         out / "allocation.png",
@@ -148,6 +151,75 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     (out / "report.md").write_text(_markdown(report))
     print(_markdown(report))
     return report
+
+
+def token_trend(sweeps: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Does Engram's gain over the pure MoE hold as the budget grows? For every Engram rho, at
+    every budget: MoE - Engram per seed (positive: Engram better), its mean and verdict (paired
+    seeds; resolved above twice the larger seed spread). Empty without rho 1.0 or a second
+    budget."""
+    from engram.experiments.granularity import compare  # one verdict rule for every study
+
+    if len(sweeps) < 2:
+        return []
+    trend = []
+    for label, points in sweeps.items():
+        moe = next((p for p in points if p["rho"] == 1.0), None)
+        if moe is None:
+            return []
+        tokens = int(label.split()[0].replace(",", ""))
+        for p in points:
+            if p is not moe:
+                gap = compare(moe, p)  # MoE - Engram
+                trend.append({"tokens": tokens, "rho": p["rho"], **gap})
+    return trend
+
+
+def plot_trend(trend: list[dict[str, Any]], path: Path) -> None:
+    rhos = sorted({t["rho"] for t in trend}, reverse=True)
+    plot_curves(
+        {f"rho {r}": [[t["tokens"], t["diff_mean"]] for t in trend if t["rho"] == r] for r in rhos},
+        path,
+        "Engram's gain over the pure MoE against training tokens",
+        ylabel="val loss, MoE - Engram (nats; > 0: Engram better)",
+        bands={
+            f"rho {r}": [
+                [t["tokens"], min(t["diff_per_seed"]), max(t["diff_per_seed"])]
+                for t in trend
+                if t["rho"] == r
+            ]
+            for r in rhos
+        },
+    )
+
+
+def _trend_markdown(trend: list[dict[str, Any]]) -> list[str]:
+    if not trend:
+        return []
+    rows = [
+        [
+            f"{t['tokens']:,}",
+            t["rho"],
+            f"{t['diff_mean']:+.4f}",
+            ", ".join(f"{d:+.4f}" for d in t["diff_per_seed"]),
+            f"{t['threshold']:.4f}",
+            t["verdict"],
+        ]
+        for t in trend
+    ]
+    header = ["tokens", "rho", "MoE - Engram", "per seed", "2 x spread", "verdict"]
+    lines = ["## Engram's gain against training tokens\n", markdown_table(header, rows)]
+    for rho in sorted({t["rho"] for t in trend}, reverse=True):
+        pts = sorted((t for t in trend if t["rho"] == rho), key=lambda t: t["tokens"])
+        first, last = pts[0], pts[-1]
+        change = last["diff_mean"] - first["diff_mean"]
+        lines.append(
+            f"\nrho {rho}: the gain {'grows' if change > 0 else 'shrinks'} from "
+            f"{first['diff_mean']:+.4f} at {first['tokens']:,} tokens to {last['diff_mean']:+.4f}"
+            f" at {last['tokens']:,} ({change:+.4f})."
+        )
+    lines.append("\n![gain against tokens](gap_vs_tokens.png)\n")
+    return lines
 
 
 def _markdown(report: dict) -> str:
@@ -205,4 +277,5 @@ def _markdown(report: dict) -> str:
             )
         )
     parts.append("![validation loss against rho](allocation.png)\n")
+    parts += _trend_markdown(report.get("trend", []))
     return "\n".join(parts)
