@@ -176,3 +176,23 @@ def test_gpu_presets_are_what_their_comments_say():
     assert all(w % 128 == 0 for w in widths) and gpu.head_dim == 64
     small = count_params_from_config(model_preset("gpu-small").with_(engram=None))
     assert (small.p_act, small.p_tot) == (3_197_184, 39_766_272)
+
+
+def test_demo_deep_is_the_demo_deeper_and_narrower_at_equal_parameters():
+    """`demo-deep` (issue 17, depth): >= 8 blocks, narrower than `demo`, the first block dense,
+    Engram at block 1; its MoE baseline's P_tot and P_act (outside the embeddings, as the demo
+    compares its arms) within 3% of the demo's, and its table the planner's at rho = 0.8."""
+    from engram.model.accounting import count_params_from_config
+    from engram.model.planner import plan_from_moe
+
+    demo, deep = model_preset("demo"), model_preset("demo-deep")
+    assert deep.n_layers >= 8 and deep.d_model < demo.d_model and deep.first_dense_layers == 1
+    assert deep.engram.spec.layer_ids == (1,) and deep.moe.num_routed == demo.moe.num_routed
+    ours = count_params_from_config(deep.with_(engram=None))
+    theirs = count_params_from_config(demo.with_(engram=None))
+    assert (ours.p_tot, ours.p_act) == (9_818_208, 818_784)  # the numbers its comment states
+    assert (theirs.p_tot, theirs.p_act) == (9_954_432, 812_160)
+    assert abs(ours.p_tot / theirs.p_tot - 1) < 0.03
+    assert abs(ours.p_act / theirs.p_act - 1) < 0.03
+    plan = plan_from_moe(deep, 0.8)
+    assert plan.base_size == deep.engram.spec.base_sizes[0] and plan.num_routed == 52

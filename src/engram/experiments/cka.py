@@ -20,6 +20,10 @@ We evaluate it in feature space (no n x n matrices): tr(K~L~) = |X^T Y|_F^2 - su
 K~1 = X (X^T 1) - (|x_i|^2)_i. HSIC_1 is exactly invariant to translating the features, so each
 minibatch is centred first (in float64) to spare the subtractions from cancelling.
 
+`--tokens entity-final` also estimates CKA on the paper's positions alone (the last piece of each
+identifier and string literal), from the same forward passes; `--preset P --seeds ...` trains the
+pairs first and reports the mean CKA over seeds (see `layerwise`).
+
 Legend: n minibatch rows (token positions), p features, R representations (both models' layers).
 """
 
@@ -36,11 +40,13 @@ import torch
 from engram.experiments.layerwise import (
     Pair,
     add_pair_arguments,
-    batches,
     combined,
     forward_with_streams,
     max_tokens_from_args,
-    pair_from_args,
+    mean_over_pairs,
+    pairs_from_args,
+    selected_batches,
+    selections_of,
 )
 from engram.experiments.report import machine_info, markdown_table, pyplot, save_report
 
@@ -120,31 +126,41 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, minibatch: int | None = None) -
     return float(acc.cka()[0, 1])
 
 
+class Minibatcher:
+    """Cuts aligned [N_b, p_r] representation lists, pushed batch by batch, into minibatches of
+    `size` rows: rows are shuffled within what is pending (the same permutation for every
+    representation, so row j is one token everywhere) and leftovers carry into the next push.
+    Shuffling mixes positions of several windows in a minibatch."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        if size < 4:
+            raise ValueError(f"minibatch size {size} must be >= 4 (HSIC_1 divides by n - 3)")
+        self.size = size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pending: list[torch.Tensor] | None = None
+
+    def push(self, feats: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The full minibatches the rows pending with `feats` make; the rest stays pending."""
+        if self.pending is None:
+            pending = list(feats)
+        else:
+            pending = [torch.cat(p) for p in zip(self.pending, feats, strict=True)]
+        rows = pending[0].shape[0]
+        order = torch.randperm(rows, generator=self.gen).to(pending[0].device)
+        pending = [p[order] for p in pending]
+        full = rows - rows % self.size
+        self.pending = [p[full:] for p in pending]
+        return [[p[b : b + self.size] for p in pending] for b in range(0, full, self.size)]
+
+
 def shuffled_minibatches(
     batches_: Iterable[Sequence[torch.Tensor]], size: int, seed: int = 0
 ) -> Iterator[list[torch.Tensor]]:
-    """Minibatches of `size` rows from a stream of aligned [N_b, p_r] representation lists.
-
-    Rows are shuffled within what is pending (the same permutation for every representation, so
-    row j is one token everywhere), leftovers carry into the next batch, a final remainder
-    shorter than `size` is dropped. Shuffling mixes positions of several windows in a minibatch.
-    """
-    if size < 4:
-        raise ValueError(f"minibatch size {size} must be >= 4 (HSIC_1 divides by n - 3)")
-    gen = torch.Generator().manual_seed(seed)
-    pending: list[torch.Tensor] | None = None
+    """Minibatches of `size` rows from a stream of aligned [N_b, p_r] representation lists (see
+    `Minibatcher`); a final remainder shorter than `size` is dropped."""
+    batcher = Minibatcher(size, seed)
     for feats in batches_:
-        if pending is None:
-            pending = list(feats)
-        else:
-            pending = [torch.cat(p) for p in zip(pending, feats, strict=True)]
-        rows = pending[0].shape[0]
-        order = torch.randperm(rows, generator=gen).to(pending[0].device)
-        pending = [p[order] for p in pending]
-        full = rows - rows % size
-        for begin in range(0, full, size):
-            yield [p[begin : begin + size] for p in pending]
-        pending = [p[full:] for p in pending]
+        yield from batcher.push(feats)
 
 
 def soft_alignment(cka: torch.Tensor, top_k: int = TOP_K) -> list[dict[str, Any]]:
@@ -200,79 +216,130 @@ def run_cli(args: argparse.Namespace) -> None:
         raise ValueError(f"--minibatch {minibatch} must be >= 4")
     if args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k} must be >= 1")
-    run_cka(pair_from_args(args, out), max_tokens, out, minibatch, args.top_k)
+    selections_of(args.tokens)  # a bad selection fails before any training
+    run_cka(pairs_from_args(args, out), max_tokens, out, minibatch, args.top_k, args.tokens)
 
 
-def _features(pair: Pair, max_tokens: int) -> Iterator[list[torch.Tensor]]:
-    """Per validation batch: A's then B's n_layers + 1 streams as [B*T, d] (branches combined)."""
-    for ids, _ in batches(pair, max_tokens):
-        feats = []
+class _Estimate:
+    """One token selection's CKA: its minibatches, the HSIC sums, and the rolled-rows null."""
+
+    def __init__(self, num_a: int, num_b: int, minibatch: int, seed: int) -> None:
+        self.num_a = num_a
+        self.batcher = Minibatcher(minibatch, seed)
+        self.acc = HsicAccumulator(num_a + num_b)
+        self.null = torch.zeros(num_a, num_b, dtype=torch.float64)
+
+    def push(self, feats: list[torch.Tensor]) -> None:
+        a = self.num_a
+        for chunk in self.batcher.push(feats):
+            self.acc.update(chunk)
+            self.null += hsic1_matrix(chunk[:a], [f.roll(1, dims=0) for f in chunk[a:]]).cpu()
+
+    def result(self) -> dict[str, Any]:
+        acc, a = self.acc, self.num_a
+        cka = acc.cka()
+        # HSIC_1(L, L) is invariant to permuting rows, so the diagonal normalises the null too.
+        norm = acc.hsic().diagonal().clamp(min=0).sqrt()
+        null_cka = self.null / acc.count / torch.outer(norm[:a], norm[a:])
+        return {
+            "minibatches": acc.count,
+            "tokens": acc.count * self.batcher.size,
+            "cka": cka[:a, a:].tolist(),  # [A layers, B layers]
+            "self_cka_engram": cka[:a, :a].tolist(),
+            "self_cka_baseline": cka[a:, a:].tolist(),
+            "null_cka": null_cka.tolist(),
+            "null_cka_max_abs": float(null_cka.abs().max()),
+            "hsic_diagonal": acc.hsic().diagonal().tolist(),
+        }
+
+
+def measure(
+    pair: Pair, max_tokens: int, minibatch: int, seed: int = 0, tokens: str = "all"
+) -> dict[str, Any]:
+    """CKA between all n_A + 1 + n_B + 1 representations, accumulated over minibatches, and a
+    null: A against B with B's rows rolled by one (each A token paired with another token).
+    Over every position; with `tokens="entity-final"`, the same over those under `entity_final`."""
+    selections = selections_of(tokens)
+    num_a = pair.engram.config.model.n_layers + 1
+    num_b = pair.baseline.config.model.n_layers + 1
+    estimates = {name: _Estimate(num_a, num_b, minibatch, seed) for name in selections}
+    for ids, _, masks in selected_batches(pair, max_tokens, selections):
+        feats = []  # A's then B's n_layers + 1 streams as [B*T, d] (branches combined)
         for trained in (pair.engram, pair.baseline):
             _, streams = forward_with_streams(trained.model, ids)
             feats += [combined(s).flatten(0, 1).float() for s in streams]
-        yield feats
+        for name, mask in masks.items():
+            rows = mask.flatten().to(feats[0].device)
+            estimates[name].push(feats if name == "all" else [f[rows] for f in feats])
+    for name, estimate in estimates.items():
+        if estimate.acc.count == 0:
+            which = "positions" if name == "all" else f"{name} positions"
+            raise ValueError(
+                f"--max-tokens {max_tokens} gave no full minibatch of {minibatch} {which}: "
+                "raise --max-tokens or lower --minibatch"
+            )
+    result = estimates["all"].result()
+    if tokens != "all":
+        result["entity_final"] = estimates[tokens].result()
+    return result
 
 
-def measure(pair: Pair, max_tokens: int, minibatch: int, seed: int = 0) -> dict[str, Any]:
-    """CKA between all n_A + 1 + n_B + 1 representations, accumulated over minibatches, and a
-    null: A against B with B's rows rolled by one (each A token paired with another token)."""
-    num_a = pair.engram.config.model.n_layers + 1
-    num_b = pair.baseline.config.model.n_layers + 1
-    acc = HsicAccumulator(num_a + num_b)
-    null = torch.zeros(num_a, num_b, dtype=torch.float64)
-    for feats in shuffled_minibatches(_features(pair, max_tokens), minibatch, seed):
-        acc.update(feats)
-        null += hsic1_matrix(feats[:num_a], [f.roll(1, dims=0) for f in feats[num_a:]]).cpu()
-    if acc.count == 0:
-        raise ValueError(
-            f"--max-tokens {max_tokens} gave no full minibatch of {minibatch} positions: "
-            "raise --max-tokens or lower --minibatch"
-        )
-    cka = acc.cka()
-    # HSIC_1(L, L) is invariant to permuting rows, so the diagonal normalises the null as well.
-    norm = acc.hsic().diagonal().clamp(min=0).sqrt()
-    null_cka = null / acc.count / torch.outer(norm[:num_a], norm[num_a:])
-    return {
-        "minibatches": acc.count,
-        "tokens": acc.count * minibatch,
-        "cka": cka[:num_a, num_a:].tolist(),  # [A layers, B layers]
-        "self_cka_engram": cka[:num_a, :num_a].tolist(),
-        "self_cka_baseline": cka[num_a:, num_a:].tolist(),
-        "null_cka": null_cka.tolist(),
-        "null_cka_max_abs": float(null_cka.abs().max()),
-        "hsic_diagonal": acc.hsic().diagonal().tolist(),
+def _summarised(result: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """`result` with its alignment and the self-CKA check (and those of its entity-final part)."""
+    diagonals = [
+        torch.tensor(result[key]).diagonal() for key in ("self_cka_engram", "self_cka_baseline")
+    ]
+    summary = {
+        **result,
+        "alignment": soft_alignment(torch.tensor(result["cka"]), top_k),
+        "self_cka_diagonal_max_error": float(max((d - 1).abs().max() for d in diagonals)),
     }
+    if "entity_final" in result:
+        summary["entity_final"] = _summarised(result["entity_final"], top_k)
+    return summary
 
 
 def run_cka(
-    pair: Pair,
+    pairs: Pair | Sequence[Pair],
     max_tokens: int,
     out_dir: str | Path,
     minibatch: int = MINIBATCH,
     top_k: int = TOP_K,
+    tokens: str = "all",
 ) -> dict[str, Any]:
-    """CKA heat map, alignment and self-CKA of the pair on `max_tokens` validation tokens."""
+    """CKA heat map, alignment and self-CKA of each pair on `max_tokens` validation tokens (with
+    several pairs, e.g. seeds, of the mean CKA, and every pair's results under `per_seed`)."""
     start = time.perf_counter()
-    result = measure(pair, max_tokens, minibatch)
-    diagonals = [
-        torch.tensor(result[key]).diagonal() for key in ("self_cka_engram", "self_cka_baseline")
-    ]
+    pairs = [pairs] if isinstance(pairs, Pair) else list(pairs)
+    raw = [measure(pair, max_tokens, minibatch, tokens=tokens) for pair in pairs]
+    mean = mean_over_pairs(raw)
+    # The noise floor of several pairs: the largest of any.
+    mean["null_cka_max_abs"] = max(r["null_cka_max_abs"] for r in raw)
+    if "entity_final" in mean:
+        floors = [r["entity_final"]["null_cka_max_abs"] for r in raw]
+        mean["entity_final"]["null_cka_max_abs"] = max(floors)
+    first = pairs[0]
     report = {
         "config": {
-            "data": pair.data,
+            "data": first.data,
             "max_tokens": max_tokens,
             "minibatch": minibatch,
-            "seq_len": pair.seq_len,
+            "seq_len": first.seq_len,
             "top_k": top_k,
+            "tokens": tokens,
+            "seeds": [p.seed for p in pairs],
         },
-        "models": {arm: pair.describe(arm) for arm in ("engram", "baseline")},
-        **result,
-        "alignment": soft_alignment(torch.tensor(result["cka"]), top_k),
-        "self_cka_diagonal_max_error": float(max((d - 1).abs().max() for d in diagonals)),
+        "models": {arm: first.describe(arm) for arm in ("engram", "baseline")},
+        **_summarised(mean, top_k),
         "paper_claim": PAPER_CLAIM,
         "machine": machine_info(),
-        "seconds": time.perf_counter() - start,
     }
+    if len(pairs) > 1:
+        report["per_seed"] = [
+            {"seed": p.seed, "paths": list(p.paths), **_summarised(r, top_k)}
+            for p, r in zip(pairs, raw, strict=True)
+        ]
+    report["seconds"] = time.perf_counter() - start
     save_report(out_dir, report, "cka.png", _plot, _markdown)
     return report
 
@@ -291,8 +358,7 @@ def _models(report: dict) -> str:
     )
 
 
-def _markdown(report: dict, plot: Path | None) -> str:
-    c, m = report["config"], report["machine"]
+def _alignment(result: dict, k: int) -> str:
     rows = [
         [
             a["layer"],
@@ -301,8 +367,45 @@ def _markdown(report: dict, plot: Path | None) -> str:
             "-" if a["soft_index"] is None else f"{a['soft_index']:.2f}",
             "-" if a["shift"] is None else f"{a['shift']:+.2f}",
         ]
-        for a in report["alignment"]
+        for a in result["alignment"]
     ]
+    return markdown_table(
+        ["A layer", "most similar B layer", f"top-{k}", "soft index", "shift"], rows
+    )
+
+
+def _entity_section(report: dict, k: int) -> str:
+    """The entity-final positions' alignment and CKA (`--tokens entity-final`), or nothing."""
+    entity = report.get("entity_final")
+    if entity is None:
+        return ""
+    return f"""
+## Entity-final tokens
+
+{entity["tokens"]:,} positions ({entity["minibatches"]} minibatches): the last piece of each
+identifier and string literal, as the paper reads CKA. Noise floor (rows rolled by one):
+{entity["null_cka_max_abs"]:.4f}.
+
+{_alignment(entity, k)}
+
+{_matrix(entity["cka"], "A", "B")}
+"""
+
+
+def _scope(report: dict) -> str:
+    c = report["config"]
+    seeds = (
+        f" Means over the pairs of seeds {c['seeds']} (each seed's results in report.json)."
+        if "per_seed" in report
+        else ""
+    )
+    if c.get("tokens", "all") == "all":
+        return "every position, not only entity-final tokens as in the paper)." + seeds
+    return "every position; entity-final tokens, as in the paper, further down)." + seeds
+
+
+def _markdown(report: dict, plot: Path | None) -> str:
+    c, m = report["config"], report["machine"]
     k = min(c["top_k"], len(report["cka"][0]))
     shallow = (
         f" With all {k} B layers weighted and similar CKA values, the index is pulled towards "
@@ -314,9 +417,9 @@ def _markdown(report: dict, plot: Path | None) -> str:
     return f"""# Linear CKA between the Engram model (A) and its baseline (B)
 
 {report["tokens"]:,} validation token positions of `{c["data"]}` ({report["minibatches"]}
-minibatches of {c["minibatch"]}, positions shuffled across windows of {c["seq_len"]}; every
-position, not only entity-final tokens as in the paper). Machine: {m["processor"]},
-{m["cpu_count"]} CPUs, torch {m["torch"]}, commit {m["commit"]}; {report["seconds"]:.1f} s.
+minibatches of {c["minibatch"]}, positions shuffled across windows of {c["seq_len"]};
+{_scope(report)} Machine: {m["processor"]}, {m["cpu_count"]} CPUs, torch {m["torch"]}, commit
+{m["commit"]}; {report["seconds"]:.1f} s.
 
 {models}
 
@@ -339,12 +442,12 @@ looks like a deeper B layer.{shallow}
 
 ## Alignment of A's layers
 
-{markdown_table(["A layer", "most similar B layer", f"top-{k}", "soft index", "shift"], rows)}
+{_alignment(report, k)}
 
 ## CKA, A layers (rows) vs B layers (columns)
 
 {_matrix(report["cka"], "A", "B")}
-
+{_entity_section(report, k)}
 ## Self-CKA within A
 
 {_matrix(report["self_cka_engram"], "A", "A")}
@@ -393,6 +496,7 @@ __all__ = [
     "MINIBATCH",
     "PAPER_CLAIM",
     "HsicAccumulator",
+    "Minibatcher",
     "hsic1_matrix",
     "linear_cka",
     "measure",

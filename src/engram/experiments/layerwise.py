@@ -5,7 +5,15 @@ layer: how close each layer's early-exit prediction is to the final one (LogitLe
 baseline layer each Engram layer resembles (CKA). Both need the same pieces, kept here: loading
 the two checkpoints (checked to read the same tokens), a self-contained tiny pair for `--quick`,
 the residual stream after every block (captured by forward hooks, so the model code stays
-untouched), and the model's own readout of a stream.
+untouched), the model's own readout of a stream, and the token positions analysed: every one, or
+with `--tokens entity-final` also the last piece of each identifier and string literal (the
+paper reads CKA on entity-final tokens; `token_kinds.entity_final_stream`).
+
+The pair is two checkpoints (`--ckpt`, `--baseline`), or trained here (`--preset P`): P's MoE
+baseline and the iso-parameter Engram arm the demo plans from it (rho = 0.8), per seed, with the
+demo's budget, into `--models`; finished runs of identical configs are reused, so the two
+studies share the pairs they train. With several seeds each study averages its per-layer results
+over the pairs and reports every seed's as well.
 
 Representations are numbered 0..n_layers: 0 is the stream entering block 0 (the embedding),
 i >= 1 the stream after block i-1, i.e. after i blocks; so the last one is what the head reads.
@@ -28,7 +36,17 @@ import torch
 from engram.assembly import get_tokenizer
 from engram.config import TrainConfig
 from engram.data import build_shard, eval_batches
-from engram.experiments.arms import STUDY_TRAIN, arm_config, train_arm
+from engram.experiments.arms import (
+    STUDY_TRAIN,
+    Study,
+    add_set_argument,
+    arm_config,
+    train_arm,
+    train_runs,
+)
+from engram.experiments.demo import demo_arms  # the demo's own iso-parameter planning
+from engram.experiments.report import parse_list
+from engram.experiments.token_kinds import entity_final_stream, piece_texts
 from engram.inference.load import Trained, load_trained
 from engram.model import EngramLM, model_preset
 from engram.model.accounting import count_params_from_config
@@ -40,6 +58,11 @@ QUICK_TRAIN: TrainConfig = replace(
 )
 QUICK_TOKENS = 4096  # validation tokens analysed by `--quick`
 FULL_RUN = "runs/demo-2seeds/seed-0"  # the documented full run: its `engram` and `moe` arms
+# `--preset`: the demo's arms (the same template as its committed runs' 300 steps of 16 x 256
+# tokens, evaluated once at the end) at the demo's Engram share.
+PAIR_TRAIN: TrainConfig = STUDY_TRAIN
+PAIR_RHO = 0.8
+TOKEN_SELECTIONS = ("all", "entity-final")
 
 
 def describe(trained: Trained, path: str | Path) -> dict[str, Any]:
@@ -71,6 +94,7 @@ class Pair:
     seq_len: int
     batch_size: int
     paths: tuple[str, str] = ("", "")  # (engram, baseline) as the user named them
+    seed: int | None = None  # the training seed, when the study trained the pair (`--preset`)
 
     def val_tokens(self) -> np.ndarray:
         return build_shard(self.data, "val", self.engram.tokenizer).tokens
@@ -107,6 +131,24 @@ def train_quick_pair(out: Path, data: str) -> tuple[Path, Path]:
     return paths
 
 
+def train_preset_pairs(
+    preset: str,
+    seeds: tuple[int, ...],
+    template: TrainConfig,
+    models: Path,
+    overrides: tuple[str, ...] = (),
+) -> list[tuple[int, Path, Path]]:
+    """Per seed: (seed, Engram run, MoE run) of `preset`'s demo arms under `models`/seed-N,
+    trained or, where finished with the same config, reused. `overrides`: `--set` for both."""
+    study = Study(train=template, seeds=seeds, preset=preset, overrides=overrides)
+    arms, _ = demo_arms(study.base_model(), PAIR_RHO)  # an unknown preset fails here, first
+    get_tokenizer(template.tokenizer, template.data)  # built once, before the arms' clocks
+    train_runs(
+        study, {"moe": arms["moe"], "engram": arms["engram"]}, lambda s: models / f"seed-{s}"
+    )
+    return [(s, models / f"seed-{s}" / "engram", models / f"seed-{s}" / "moe") for s in seeds]
+
+
 def add_pair_arguments(p: argparse.ArgumentParser, study: str, full_tokens: int) -> None:
     """The options both studies take."""
     p.add_argument("--ckpt", help=f"the Engram run (e.g. {FULL_RUN}/engram)")
@@ -116,7 +158,18 @@ def add_pair_arguments(p: argparse.ArgumentParser, study: str, full_tokens: int)
         type=int,
         help=f"validation tokens analysed (default {full_tokens:,}; --quick {QUICK_TOKENS:,})",
     )
-    p.add_argument("--data", help="text source (default: the Engram checkpoint's)")
+    p.add_argument(
+        "--tokens",
+        choices=TOKEN_SELECTIONS,
+        default="all",
+        help="positions analysed: all (default), or entity-final (the last piece of each "
+        "identifier and string literal, as the paper) reported beside all",
+    )
+    p.add_argument(
+        "--data",
+        help="text source (default: the Engram checkpoint's; with --preset, also what the pair "
+        "trains on, default the stdlib corpus)",
+    )
     p.add_argument("--out", help=f"report folder (default runs/{study}[-quick])")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
@@ -124,21 +177,64 @@ def add_pair_arguments(p: argparse.ArgumentParser, study: str, full_tokens: int)
         action="store_true",
         help="few tokens; without --ckpt, first trains two tiny models into OUT/models",
     )
+    p.add_argument(
+        "--preset",
+        help="train the pair instead (no --ckpt): the preset's MoE baseline and its "
+        f"iso-parameter Engram arm (rho {PAIR_RHO}, as engram demo), e.g. demo-deep",
+    )
+    p.add_argument("--seeds", help="with --preset: a pair per seed, e.g. 0,1 (default 0)")
+    p.add_argument(
+        "--steps", type=int, help=f"with --preset: steps per arm (default {PAIR_TRAIN.steps})"
+    )
+    p.add_argument(
+        "--models",
+        help="with --preset: where the pairs are trained or reused (default "
+        "runs/pairs/PRESET; --quick OUT/models)",
+    )
+    add_set_argument(p)
 
 
-def pair_from_args(args: argparse.Namespace, out: Path) -> Pair:
-    """The pair the CLI names, or the quick pair trained into `out` (only with --quick)."""
+def _check_pair_flags(args: argparse.Namespace) -> None:
     if (args.ckpt is None) != (args.baseline is None):
         raise ValueError("give both --ckpt (the Engram run) and --baseline, or neither")
+    trains = [f"--{k}" for k in ("seeds", "steps", "models", "set") if getattr(args, k)]
+    if args.preset is None and trains:
+        raise ValueError(f"{', '.join(trains)}: only for a pair trained here; give --preset too")
+    if args.preset is not None and args.ckpt is not None:
+        raise ValueError("give --preset (train the pair) or --ckpt and --baseline, not both")
+
+
+def _preset_pairs(args: argparse.Namespace, out: Path) -> list[Pair]:
+    seeds = parse_list(args.seeds, int, "seeds") if args.seeds else (0,)
+    if not seeds:
+        raise ValueError(f"--seeds {args.seeds!r} names no seed")
+    template = QUICK_TRAIN if args.quick else PAIR_TRAIN
+    template = replace(template, data=args.data or template.data)
+    if args.steps is not None:
+        template = replace(template, steps=args.steps)
+    models = Path(args.models or (out / "models" if args.quick else f"runs/pairs/{args.preset}"))
+    trained = train_preset_pairs(args.preset, seeds, template, models, tuple(args.set))
+    return [
+        replace(load_pair(engram, moe, args.data, args.device), seed=seed)
+        for seed, engram, moe in trained
+    ]
+
+
+def pairs_from_args(args: argparse.Namespace, out: Path) -> list[Pair]:
+    """The pair the CLI names, the quick pair trained into `out` (only with --quick), or the
+    preset's pairs, one per seed (`--preset`)."""
+    _check_pair_flags(args)
+    if args.preset is not None:
+        return _preset_pairs(args, out)
     if args.ckpt is None:
         if not args.quick:
             raise ValueError(
                 f"give --ckpt and --baseline (e.g. --ckpt {FULL_RUN}/engram --baseline "
-                f"{FULL_RUN}/moe), or --quick to train a tiny pair first"
+                f"{FULL_RUN}/moe), --preset to train a pair, or --quick to train a tiny pair"
             )
         ckpt, baseline = train_quick_pair(out, args.data or "default")
-        return load_pair(ckpt, baseline, args.data, args.device)
-    return load_pair(args.ckpt, args.baseline, args.data, args.device)
+        return [load_pair(ckpt, baseline, args.data, args.device)]
+    return [load_pair(args.ckpt, args.baseline, args.data, args.device)]
 
 
 def max_tokens_from_args(args: argparse.Namespace, full_tokens: int) -> int:
@@ -164,6 +260,63 @@ def batches(pair: Pair, max_tokens: int) -> Iterator[tuple[torch.Tensor, torch.T
         )
     for batch in eval_batches(tokens, pair.seq_len, pair.batch_size, None, max_tokens):
         yield batch.ids, batch.targets
+
+
+def selections_of(tokens: str) -> tuple[str, ...]:
+    """The selections a study measures for `--tokens`: always every position, then the one asked."""
+    if tokens not in TOKEN_SELECTIONS:
+        raise ValueError(f"--tokens {tokens!r} must be one of {list(TOKEN_SELECTIONS)}")
+    return ("all",) if tokens == "all" else ("all", tokens)
+
+
+def selection_masks(pair: Pair, max_tokens: int, selections: tuple[str, ...]) -> dict[str, Any]:
+    """Per selection, whether each of the first `max_tokens` validation tokens is analysed [N]."""
+    tokens = pair.val_tokens()
+    n = min(max_tokens, len(tokens))
+    masks = {}
+    for name in selections:
+        if name == "all":
+            masks[name] = np.ones(n, dtype=bool)
+            continue
+        tok = pair.engram.tokenizer
+        # Lexed to the end of the document the analysed tokens stop in: an entity running past
+        # token n does not end at n - 1.
+        later = np.flatnonzero(tokens[n:] == tok.eos_id) if tok.eos_id is not None else []
+        stop = n + int(later[0]) if len(later) else len(tokens)
+        masks[name] = entity_final_stream(tokens[:stop], piece_texts(tok), tok.eos_id)[:n]
+    return masks
+
+
+def selected_batches(
+    pair: Pair, max_tokens: int, selections: tuple[str, ...]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """`batches`, each with a bool mask [B, T] per selection over its input positions."""
+    masks = selection_masks(pair, max_tokens, selections)
+    tokens, offset = pair.val_tokens(), 0
+    for ids, targets in batches(pair, max_tokens):
+        n = ids.numel()
+        # The windows tile the stream in order (`eval_batches`): row-major ids are these tokens.
+        assert np.array_equal(ids.flatten().numpy(), tokens[offset : offset + n])
+        yield (
+            ids,
+            targets,
+            {k: torch.from_numpy(m[offset : offset + n]).view(ids.shape) for k, m in masks.items()},
+        )
+        offset += n
+
+
+def mean_over_pairs(results: list[Any]) -> Any:
+    """The element-wise mean of equally shaped results (dicts, lists, numbers) of several pairs;
+    values equal in all (layer indices, token counts) and non-numbers are kept as they are."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {key: mean_over_pairs([r[key] for r in results]) for key in first}
+    if isinstance(first, list):
+        return [mean_over_pairs(list(v)) for v in zip(*results, strict=True)]
+    numeric = isinstance(first, int | float) and not isinstance(first, bool)
+    if not numeric or all(r == first for r in results):
+        return first
+    return sum(results) / len(results)
 
 
 @contextmanager
@@ -229,8 +382,11 @@ def readout(model: EngramLM, stream: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FULL_RUN",
+    "PAIR_RHO",
+    "PAIR_TRAIN",
     "QUICK_TOKENS",
     "QUICK_TRAIN",
+    "TOKEN_SELECTIONS",
     "Pair",
     "add_pair_arguments",
     "batches",
@@ -239,8 +395,13 @@ __all__ = [
     "forward_with_streams",
     "load_pair",
     "max_tokens_from_args",
-    "pair_from_args",
+    "mean_over_pairs",
+    "pairs_from_args",
     "readout",
+    "selected_batches",
+    "selection_masks",
+    "selections_of",
     "streams_of",
+    "train_preset_pairs",
     "train_quick_pair",
 ]

@@ -22,6 +22,11 @@ by the character before them, other printable ASCII is an operator. Independentl
 every piece is also a `word-start`, a `word-cont` (a word character right after another: the
 piece continues a word, where its N-gram says the most) or `non-word`.
 
+Entity-final pieces (`entity_final_stream`), the positions the paper's CKA analysis reads: the
+piece holding the last character of an identifier (a NAME token that is not a keyword) or of a
+string literal (its closing quote; an f-string's end on Python >= 3.12), i.e. where a multi-piece
+entity is complete. Only what the lexer read counts (no heuristic: an entity must have an end).
+
 Axes: N stream tokens.
 """
 
@@ -32,6 +37,7 @@ import keyword
 import re
 import string
 import tokenize
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -71,6 +77,10 @@ for _name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END"):  # Python >= 3.
     if hasattr(tokenize, _name):
         _TYPES[getattr(tokenize, _name)] = _STRING
 _OPERATOR_CHARS = frozenset(string.punctuation)
+# Lexer tokens that end a string literal: an f-string's start and middle (Python >= 3.12) do not.
+_LITERAL_ENDS = frozenset(
+    getattr(tokenize, name) for name in ("STRING", "FSTRING_END") if hasattr(tokenize, name)
+)
 
 
 def _is_word(ch: str) -> bool:
@@ -82,20 +92,30 @@ def piece_texts(tok: Tokenizer) -> list[str]:
     return [tok.decode([i]) for i in range(tok.vocab_size)]
 
 
+def _line_starts(text: str) -> list[int]:
+    return [0] + [m.end() for m in re.finditer("\n", text)]  # readline splits at \n only
+
+
+def _lexed(text: str, line_starts: list[int]) -> Iterator[tuple[int, int, int, int]]:
+    """(context code, lexer type, first character, end character) of each classified lexer token
+    of `text`; raises the lexer's TokenError or SyntaxError where it stops."""
+    for t in tokenize.generate_tokens(io.StringIO(text).readline):
+        code = _TYPES.get(t.type)
+        if code is None:
+            continue
+        if code == _NAME and keyword.iskeyword(t.string):
+            code = _KEYWORD
+        begin = line_starts[t.start[0] - 1] + t.start[1]
+        yield code, t.type, begin, line_starts[t.end[0] - 1] + t.end[1]
+
+
 def char_contexts(text: str) -> tuple[np.ndarray, np.ndarray]:
     """Per character of `text`: the lexer's context code [C] and whether a name starts there [C]."""
     ctx = np.zeros(len(text), dtype=np.int8)
     name_start = np.zeros(len(text), dtype=bool)
-    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]  # readline splits at \n only
+    line_starts = _line_starts(text)
     try:
-        for t in tokenize.generate_tokens(io.StringIO(text).readline):
-            code = _TYPES.get(t.type)
-            if code is None:
-                continue
-            if code == _NAME and keyword.iskeyword(t.string):
-                code = _KEYWORD
-            begin = line_starts[t.start[0] - 1] + t.start[1]
-            end = line_starts[t.end[0] - 1] + t.end[1]
+        for code, _, begin, end in _lexed(text, line_starts):
             ctx[begin:end] = code
             if code == _NAME:
                 name_start[begin] = True
@@ -150,21 +170,59 @@ def classify_pieces(pieces: list[str]) -> list[str]:
     return [KINDS[k] for k in classify_document(pieces)[0]]
 
 
+def _documents(tokens: np.ndarray, eos_id: int | None) -> Iterator[tuple[int, int]]:
+    """[begin, end) of each non-empty document of a stream split at EOS (the EOS in neither)."""
+    ends = np.flatnonzero(tokens == eos_id) if eos_id is not None else np.zeros(0, dtype=np.int64)
+    begin = 0
+    for end in [*ends.tolist(), len(tokens)]:
+        if end > begin:
+            yield begin, end
+        begin = end + 1
+
+
 def classify_stream(
     tokens: np.ndarray, pieces: list[str], eos_id: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Kinds [N] and word positions [N] of a token stream, document by document (split at EOS)."""
     tokens = np.asarray(tokens, dtype=np.int64)
+    # The EOS itself stays "other" / "non-word".
     kinds = np.full(len(tokens), _K["other"], dtype=np.int8)
     words = np.full(len(tokens), WORDS.index("non-word"), dtype=np.int8)
-    ends = np.flatnonzero(tokens == eos_id) if eos_id is not None else np.zeros(0, dtype=np.int64)
-    begin = 0
-    for end in [*ends.tolist(), len(tokens)]:
-        if end > begin:
-            k, w = classify_document([pieces[t] for t in tokens[begin:end].tolist()])
-            kinds[begin:end], words[begin:end] = k, w
-        begin = end + 1  # the EOS itself stays "other" / "non-word"
+    for begin, end in _documents(tokens, eos_id):
+        k, w = classify_document([pieces[t] for t in tokens[begin:end].tolist()])
+        kinds[begin:end], words[begin:end] = k, w
     return kinds, words
+
+
+def entity_final_document(pieces: list[str]) -> np.ndarray:
+    """Whether each piece [n] ends an identifier or a string literal (see the module docstring).
+
+    A piece is chosen by the entity's last character: a piece that closes a string and opens a
+    bracket (`")`) counts, a blank piece never (an entity ends on a visible character).
+    """
+    text = "".join(pieces)
+    ends = []
+    try:
+        for code, kind, _, end in _lexed(text, _line_starts(text)):
+            if code == _NAME or kind in _LITERAL_ENDS:
+                ends.append(end - 1)
+    except (tokenize.TokenError, SyntaxError):
+        pass  # a document cut short: the entities lexed before keep their ends
+    starts = np.cumsum([0, *map(len, pieces)])[:-1]  # [n] first character of each piece
+    chosen = np.zeros(len(pieces), dtype=bool)
+    # The piece whose span holds the character: the last piece starting at or before it
+    # (empty pieces, e.g. undecodable bytes, share a start with the next and are never picked).
+    chosen[np.searchsorted(starts, np.asarray(ends, dtype=np.int64), side="right") - 1] = True
+    return chosen
+
+
+def entity_final_stream(tokens: np.ndarray, pieces: list[str], eos_id: int | None) -> np.ndarray:
+    """Entity-final mask [N] of a token stream, document by document (split at EOS)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    chosen = np.zeros(len(tokens), dtype=bool)
+    for begin, end in _documents(tokens, eos_id):
+        chosen[begin:end] = entity_final_document([pieces[t] for t in tokens[begin:end].tolist()])
+    return chosen
 
 
 def group_table(
@@ -202,6 +260,8 @@ __all__ = [
     "classify_document",
     "classify_pieces",
     "classify_stream",
+    "entity_final_document",
+    "entity_final_stream",
     "group_table",
     "piece_texts",
 ]

@@ -248,6 +248,37 @@ PRESETS: dict[str, ModelConfig] = {
             )
         ),
     ),
+    # The demo at twice the depth and 3/4 of the width, for the depth question of the mechanism
+    # studies (issue 17: does Engram spare early layers? `engram study logit-lens --preset
+    # demo-deep`): 8 blocks of width 96 (4 heads of 24, 2 KV heads), the first dense, then
+    # DeepSeekMoE with the demo's 64 routed experts (top-2) cut to hidden 72, and a shared width of
+    # 96 (the dense FFN is the active width, 96 + 2 x 72, as in the demo). Widths are chosen so
+    # its MoE baseline matches the demo's outside the embeddings (`engram plan --preset
+    # demo-deep`): P_tot 9,818,208 vs 9,954,432 (-1.4%), P_act 818,784 vs 812,160 (+0.8%);
+    # tests/test_config.py holds that to 3%. The embeddings shrink with the width (0.79M vs
+    # 1.05M). The table is the planner's at rho = 0.8 (52 experts remain); Engram at block 1,
+    # the paper's layer 2.
+    "demo-deep": ModelConfig(
+        vocab_size=4096,
+        d_model=96,
+        n_layers=8,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=240,
+        moe=MoEConfig(num_routed=64, top_k=2, expert_hidden=72, shared_hidden=96),
+        hc_branches=1,
+        max_seq_len=512,
+        engram=EngramOptions(
+            spec=SpecConfig(
+                tokenizer="deepseek",
+                layer_ids=(1,),
+                orders=(2, 3),
+                heads_per_order=4,
+                base_sizes=(13425, 13425),
+                row_dim=16,
+            )
+        ),
+    ),
     # The demo's shape at twice the width, for the GPU allocation study
     # (`recipes/gpu-allocation.toml`): 4 blocks of width 256, the first dense, then 64 routed
     # experts (top-2) of hidden 256 and 1 shared. Its MoE baseline (the study's rho = 1 arm) has
