@@ -331,6 +331,7 @@ STUDIES = (
     "controls",
     "gates",
     "granularity",
+    "long-context",
     "logit-lens",
     "cka",
     "memory",
