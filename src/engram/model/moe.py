@@ -34,7 +34,8 @@ def _grouped_mm_supported(x: torch.Tensor, hidden: int) -> bool:
 
 def _top_k(x: torch.Tensor, k: int) -> torch.Tensor:
     """`torch.topk(x, k).indices` along the last dim (largest first). For k <= 4 as k passes of
-    `max`: torch's CPU topk measured 3.5x slower at k = 2 on [4096, 64] (1.06 vs 0.30 ms)."""
+    `max`: torch's CPU topk measured 2.3x slower at k = 2 on [4096, 64] (1.43 vs 0.63 ms,
+    bench/results/moe_parts.json)."""
     if k > 4:
         return torch.topk(x, k, dim=-1).indices
     picks = []
