@@ -42,7 +42,7 @@ class OptimConfig:
     backbone: str = "adamw"  # or "muon": Muon for hidden matrices, AdamW for the rest
     # AdamW's fused kernel (CPU and CUDA): one C++/CUDA loop over all parameters. On the CPU
     # torch's own default is a Python loop of ~10 ops per tensor: for the demo's 418 tensors
-    # (64 experts per MoE layer) 24.5 ms a step against 6.8 fused (measured, docs/benchmarks.md).
+    # (64 experts per MoE layer) 24.3 ms a step against 7.8 fused (bench/results/moe_parts.json).
     # False: torch's default (the same update to float rounding).
     fused: bool = True
 

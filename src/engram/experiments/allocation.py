@@ -110,11 +110,11 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     # Trained (or loaded) once before the arms, as they will use it: `--set` overrides included.
     first = cfg.arm(plans[cfg.rhos[0]].config, cfg.seeds[0], out, steps=cfg.budgets[0])
     get_tokenizer(first.tokenizer, first.data)
-    sweeps: dict[str, list[dict]] = {}
+    by_tokens: dict[int, list[dict]] = {}
     for steps in cfg.budgets:
         arms = {f"rho-{rho}": plan.config for rho, plan in plans.items()}
         results = train_arms(cfg, arms, out / f"steps-{steps}", steps=steps)
-        sweeps[f"{tokens_per_arm(replace(cfg.train, steps=steps)):,} tokens"] = [
+        by_tokens[tokens_per_arm(replace(cfg.train, steps=steps))] = [
             {
                 "rho": rho,
                 "rho_achieved": plan.rho,
@@ -122,6 +122,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
             }
             for rho, plan in plans.items()
         ]
+    sweeps = {f"{tokens:,} tokens": points for tokens, points in by_tokens.items()}
     report = {
         "sweeps": sweeps,
         "config": cfg.report_config(),
@@ -129,7 +130,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }
-    report["trend"] = token_trend(sweeps)
+    report["trend"] = token_trend(by_tokens)
     write_json(out / "report.json", report)
     if report["trend"]:
         plot_trend(report["trend"], out / "gap_vs_tokens.png")
@@ -153,7 +154,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     return report
 
 
-def token_trend(sweeps: dict[str, list[dict]]) -> list[dict[str, Any]]:
+def token_trend(sweeps: dict[int, list[dict]]) -> list[dict[str, Any]]:
     """Does Engram's gain over the pure MoE hold as the budget grows? For every Engram rho, at
     every budget: MoE - Engram per seed (positive: Engram better), its mean and verdict (paired
     seeds; resolved above twice the larger seed spread). Empty without rho 1.0 or a second
@@ -163,11 +164,10 @@ def token_trend(sweeps: dict[str, list[dict]]) -> list[dict[str, Any]]:
     if len(sweeps) < 2:
         return []
     trend = []
-    for label, points in sweeps.items():
+    for tokens, points in sweeps.items():
         moe = next((p for p in points if p["rho"] == 1.0), None)
         if moe is None:
             return []
-        tokens = int(label.split()[0].replace(",", ""))
         for p in points:
             if p is not moe:
                 gap = compare(moe, p)  # MoE - Engram

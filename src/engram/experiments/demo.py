@@ -107,10 +107,9 @@ def train_demo_arms(
 def _baseline_line(report: dict) -> str:
     """Which MoE the arms derive from: the preset's, or a granularity study's choice."""
     moe, source = report["baseline"]["moe"], report["config"].get("baseline")
-    shared = moe["shared_hidden"] or moe["num_shared"] * moe["expert_hidden"]
     layout = (
         f"{moe['num_routed']} routed experts of width {moe['expert_hidden']}, top-"
-        f"{moe['top_k']}, shared width {shared}"
+        f"{moe['top_k']}, shared width {report['baseline']['shared_width']}"
     )
     if not source:
         return f"MoE baseline: the preset's own ({layout})."
@@ -211,7 +210,7 @@ def run_demo(demo: DemoConfig = DemoConfig(), preset: str | None = None) -> dict
         "arms": aggregated,
         "per_seed": per_seed,
         "config": {**demo.report_config(), "preset": preset, "baseline": demo.baseline},
-        "baseline": {"moe": to_dict(arms["moe"].moe)},
+        "baseline": {"moe": to_dict(arms["moe"].moe), "shared_width": arms["moe"].moe.shared_width},
         "plan": {
             "rho": plan.rho,
             "num_routed": plan.num_routed,

@@ -79,7 +79,7 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
         # 2. Each expert processes the tokens routed to it: out [N, d]
-        out = self._routed(self._dispatch(flat))(flat, idx, weights)
+        out = getattr(self, f"_routed_{self._dispatch(flat)}")(flat, idx, weights)
 
         # 3. Shared experts see every token
         if self.shared is not None:
@@ -97,13 +97,6 @@ class MoE(nn.Module):
         if self.dispatch == "grouped" or (self.dispatch is None and flat.device.type == "cuda"):
             return "grouped" if supported else "sorted"
         return "sorted"
-
-    def _routed(self, dispatch: str):
-        return {
-            "loop": self._routed_loop,
-            "sorted": self._routed_sorted,
-            "grouped": self._routed_grouped,
-        }[dispatch]
 
     def _routed_loop(
         self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
