@@ -67,6 +67,21 @@ def test_hasher_compiles_whole_and_bit_exact(deepseek, deepseek_vocab, doc_bound
         assert torch.equal(compiled[layer], want), f"layer {layer} differs"
 
 
+def test_compiled_hasher_with_large_primes_takes_reciprocal_remainders(deepseek, deepseek_vocab):
+    """Primes >= 2^12 (every preset but `tiny`) switch the compiled hasher to float-quotient
+    remainders: rows still equal eager ones bit for bit, for a chunk and a decode step."""
+    spec = resolve("tiny", tokenizer=deepseek, vocab=deepseek_vocab, base_sizes=(14759, 14759))
+    hasher = NgramHasher(spec, deepseek_vocab)
+    assert hasher._reciprocal_ok and not NgramHasher(resolve("tiny"), deepseek_vocab)._reciprocal_ok
+    ids, doc_starts = ids_with_boundaries(spec.vocab_size, spec.eos_id)
+    compiled = torch.compile(hasher.hash_stacked, fullgraph=True)
+    rows, state = compiled(ids, doc_starts=doc_starts)
+    want, want_state = hasher.hash_stacked(ids, doc_starts=doc_starts)
+    assert torch.equal(rows, want) and torch.equal(state.history, want_state.history)
+    step = compiled(ids[:, :1], state=want_state)[0]  # the fused one-token path
+    assert torch.equal(step, hasher.hash_stacked(ids[:, :1], state=want_state)[0])
+
+
 def test_compiled_hasher_still_checks_dtype_and_shape(tiny_spec, deepseek_vocab):
     """Under compile only the value range check (a data-dependent read) is skipped."""
     hasher = torch.compile(NgramHasher(tiny_spec, deepseek_vocab))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from reference import reference_rows
 
-from engram.hashing import NgramHasher
+from engram.hashing import RECIPROCAL_MIN_PRIME, NgramHasher, remainder_by_reciprocal
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
@@ -217,3 +217,43 @@ def test_cuda_matches_cpu(demo_hasher, demo_spec):
     for layer in demo_spec.layer_ids:
         assert gpu[layer].device.type == "cuda"
         assert torch.equal(gpu[layer].cpu(), cpu[layer])
+
+
+# Divisors at both ends of what `remainder_by_reciprocal` takes, and near the demo's primes.
+RECIPROCAL_PRIMES = [4099, 14759 + 2, 646403, 2**31 - 1, 2**61 - 1]
+
+
+def reciprocal_cases(p: int) -> torch.Tensor:
+    """int64 values where a float quotient is most likely off: the int64 extremes, both sides of
+    multiples of p next to them and near zero, and random values."""
+    lo, hi = -(2**63), 2**63 - 1
+    near = [
+        k * p + d
+        for k in (lo // p, lo // p + 1, hi // p, hi // p - 1, -1, 0, 1)
+        for d in (-1, 0, 1)
+    ]
+    edges = [v for v in [lo, lo + 1, hi, hi - 1, -1, 0, 1, p - 1, p, -p, *near] if lo <= v <= hi]
+    gen = torch.Generator().manual_seed(p % 1000)
+    rand = torch.randint(lo, hi, (20_000,), generator=gen)
+    k = torch.randint(lo // p + 1, hi // p, (5_000, 1), generator=gen)  # random multiples of p,
+    multiples = (k * p + torch.tensor([-1, 0, 1, p - 1])).flatten()  # their sides at every scale
+    return torch.cat([torch.tensor(edges, dtype=torch.int64), rand, multiples])
+
+
+@pytest.mark.parametrize("p", RECIPROCAL_PRIMES)
+def test_remainder_by_reciprocal_is_exact(p):
+    x = reciprocal_cases(p)
+    want = torch.remainder(x, p)
+    got = remainder_by_reciprocal(x, torch.tensor(p))
+    assert torch.equal(got, want)
+    # Broadcast over a head axis, as the hasher calls it.
+    primes = torch.tensor([p, RECIPROCAL_MIN_PRIME + 3])[:, None]
+    assert torch.equal(remainder_by_reciprocal(x[None], primes), torch.remainder(x[None], primes))
+
+
+def test_compiled_remainder_by_reciprocal_is_exact():
+    """Compiled, the quotient's float ops run in Inductor's vector code: still exact."""
+    p = torch.tensor(RECIPROCAL_PRIMES)[:, None]
+    x = torch.stack([reciprocal_cases(int(q))[:5000] for q in RECIPROCAL_PRIMES])
+    compiled = torch.compile(remainder_by_reciprocal, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x, p), torch.remainder(x, p))

@@ -83,6 +83,30 @@ def move_pads_first(ext: torch.Tensor, pads: torch.Tensor, state_len: int) -> to
     return ext.gather(1, index)
 
 
+# The smallest prime `remainder_by_reciprocal` is exact for (see its docstring).
+RECIPROCAL_MIN_PRIME = 1 << 12
+
+
+def remainder_by_reciprocal(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`torch.remainder(x, p)` for int64 `x` and int64 primes 2^12 <= `p` < 2^62, broadcast,
+    through a float64 quotient: one fused vector loop under `torch.compile`, where the plain 64-bit
+    remainders compile to scalar divisions (x86 has no vector 64-bit integer division).
+
+    Exact for every int64 x: the float quotient fl(fl(x) * fl(1/p)) carries three roundings of
+    at most 2^-53 each, so it is off from x/p by at most 3.01 * 2^-53 * 2^63 / p = 3.01 * 2^10 / p
+    <= 0.76 for p >= 2^12. Its floor is then q - 1, q or q + 1 for the true floor q, so
+    r = x - floor * p (exact in wrapping int64 arithmetic, as r is small) lies in [-p, 2p): one
+    correction each way lands it in [0, p). tests/test_hashing.py holds it to torch.remainder at
+    the int64 extremes and next to multiples of p. Eager, its seven passes over memory are slower
+    than `torch.remainder`'s one, so the hasher uses it only while compiling.
+    """
+    q = torch.floor(x.double() * (1.0 / p.double())).long()  # x // p, or one off
+    r = x - q * p  # in [-p, 2p)
+    r = r + ((r >> 63) & p)  # r < 0: add p
+    over = r - p
+    return torch.where(over >= 0, over, r)  # in [0, p)
+
+
 class NgramHasher:
     """Maps token ids [B, T] to row indices [B, T, H] per Engram layer, bit-exact with the demo."""
 
@@ -101,6 +125,7 @@ class NgramHasher:
         self._lookup = torch.from_numpy(vocab.lookup.copy())  # [V]
         self._multipliers = torch.tensor(spec.multipliers, dtype=torch.int64)  # [L, K]
         self._primes = torch.tensor(spec.primes, dtype=torch.int64)  # [L, H]
+        self._reciprocal_ok = min(min(layer) for layer in spec.primes) >= RECIPROCAL_MIN_PRIME
         self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -209,7 +234,7 @@ class NgramHasher:
                 mixes.append(mix)
         layers = primes.shape[0]
         p = primes.view(layers, len(mixes), heads)  # [L, orders, heads]
-        rows = torch.remainder(torch.stack(mixes, -1)[..., None], p)  # [B, L, orders, heads]
+        rows = self._remainder(torch.stack(mixes, -1)[..., None], p)  # [B, L, orders, heads]
         rows = rows.view(-1, layers, p[0].numel()).transpose(0, 1).unsqueeze(2)  # [L, B, 1, H]
         history = ext[:, 1:]  # [B, K-1]
         if self.spec.eos_id is not None:
@@ -273,8 +298,15 @@ class NgramHasher:
         """
         mixes = self._mixes(shifts, multipliers)  # [L, O, B, T]
         p = primes.view(*mixes.shape[:2], self.spec.config.heads_per_order, 1, 1)  # [L, O, h, 1, 1]
-        rows = torch.remainder(mixes.unsqueeze(2), p)  # [L, O, heads, B, T]
+        rows = self._remainder(mixes.unsqueeze(2), p)  # [L, O, heads, B, T]
         return rows.flatten(1, 2).permute(0, 2, 3, 1)  # [L, B, T, H] (strided view)
+
+    def _remainder(self, mixes: torch.Tensor, primes: torch.Tensor) -> torch.Tensor:
+        """mixes mod primes (broadcast): by reciprocal while compiling, where it fuses into one
+        vector loop, else `torch.remainder`; the same rows either way."""
+        if self._reciprocal_ok and torch.compiler.is_compiling():
+            return remainder_by_reciprocal(mixes, primes)
+        return torch.remainder(mixes, primes)
 
     def _mixes(self, shifts: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
         """mix_n for every layer and order: [L, O, B, T] int64 (before the primes)."""
