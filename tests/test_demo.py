@@ -70,7 +70,8 @@ def test_a_granularity_reports_moe_is_the_baseline(corpus, tmp_path):
     finer = granular(model_preset("demo").moe, 2)
     study = tmp_path / "granularity"
     study.mkdir()
-    (study / "report.json").write_text(json.dumps({"best_moe": to_dict(finer)}))
+    chosen = {"best_moe": to_dict(finer), "config": {"preset": "demo"}}
+    (study / "report.json").write_text(json.dumps(chosen))
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--data", str(corpus), "--out", str(out), "--steps", "2"]
     assert main([*argv, "--baseline", str(study)]) == 0
@@ -80,3 +81,6 @@ def test_a_granularity_reports_moe_is_the_baseline(corpus, tmp_path):
     assert report["arms"]["engram"]["routed_experts"] < 128
     assert "granularity study's choice" in (out / "report.md").read_text()
     assert main([*argv, "--baseline", str(tmp_path)]) == 2  # not a granularity report
+    chosen["config"]["preset"] = "demo-deep"  # another preset's experts: the wrong widths
+    (study / "report.json").write_text(json.dumps(chosen))
+    assert main([*argv, "--baseline", str(study)]) == 2

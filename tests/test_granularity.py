@@ -242,7 +242,9 @@ def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
         assert a["seeds"] == [0] and math.isfinite(a["val_loss"]) and a["p_act"] < a["p_tot"]
     assert arms["g-2"]["vs_reference"]["verdict"] == "unresolved"  # one seed
     best = report["best"]["name"]
-    assert best_baseline(out) == granular(DEMO.moe, arms[best]["g"])
+    assert best_baseline(out) == best_baseline(out, "demo") == granular(DEMO.moe, arms[best]["g"])
+    with pytest.raises(ValueError, match="not 'gpu-small'"):  # absolute widths: one preset's
+        best_baseline(out, "gpu-small")
     lr = report["lr_check"]
     (point,) = lr["points"]
     assert point["moe"]["val_loss"] == arms[best]["val_loss"]  # the same run

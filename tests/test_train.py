@@ -124,7 +124,9 @@ def test_every_shipped_recipe_parses():
         study = load_recipe(recipe).get("study")
         if study is not None:  # a study's recipe (`engram study NAME --recipe`)
             module = importlib.import_module(f"engram.experiments.{study.replace('-', '_')}")
-            study_from_recipe(recipe, module.QUICK, study).validate()
+            cfg = study_from_recipe(recipe, module.QUICK, study)
+            cfg.validate()
+            cfg.base_model()  # a `baseline` report must exist and be for the recipe's preset
             continue
         cfg = train_config(str(recipe), [])
         cfg.validate()

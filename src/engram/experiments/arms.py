@@ -103,12 +103,13 @@ class Study:
 
     def base_model(self, preset: str | None = None) -> ModelConfig:
         """The preset's model (`preset` or the study's), with the `baseline` report's MoE."""
-        model = model_preset(preset or self.preset)
+        name = preset or self.preset
+        model = model_preset(name)
         if not self.baseline:
             return model
         from engram.experiments.granularity import best_baseline  # it imports this module
 
-        return model.with_(moe=best_baseline(self.baseline))
+        return model.with_(moe=best_baseline(self.baseline, name))
 
     def arm(self, model: ModelConfig, seed: int, out: str | Path, **changes: Any) -> TrainConfig:
         """One arm's config; `changes` replace template fields first (e.g. steps=budget)."""

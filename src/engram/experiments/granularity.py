@@ -271,9 +271,11 @@ def lr_summary(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def best_baseline(report_path: str | Path) -> MoEConfig:
+def best_baseline(report_path: str | Path, preset: str | None = None) -> MoEConfig:
     """The MoE config a granularity study chose (`best_moe` of its report.json, or a folder
-    holding one): the baseline other studies compare Engram with."""
+    holding one): the baseline other studies compare Engram with. With `preset`, the report
+    must have swept that preset: its experts' widths are absolute, so another preset's model
+    would get experts of the wrong width (ValueError)."""
     path = Path(report_path)
     path = path / "report.json" if path.is_dir() else path
     try:
@@ -282,6 +284,12 @@ def best_baseline(report_path: str | Path) -> MoEConfig:
         raise ValueError(f"cannot read a granularity report at {path}: {e}") from None
     if not isinstance(report, dict) or "best_moe" not in report:
         raise ValueError(f"{path} has no best_moe: not a granularity study's report")
+    swept = report.get("config", {}).get("preset")
+    if preset is not None and swept != preset:
+        raise ValueError(
+            f"{path} chose among {swept!r}'s MoEs, not {preset!r}'s: run `engram study "
+            f"granularity --preset {preset}` for this preset's baseline"
+        )
     moe = from_dict(MoEConfig, report["best_moe"], prefix="best_moe.")
     moe.validate()
     return moe
