@@ -1,6 +1,6 @@
-"""Where an MoE training step's extra cost goes, part by part, each variant against the others.
+"""Where a training step's extra cost goes, part by part, each variant against the others.
 
-`bench/moe_step.py` times whole steps; this times the three parts issue 16 changed, in one
+`bench/moe_step.py` times whole steps; this times the four parts issue 16 changed, in one
 process, variants interleaved, median of `--repeats`:
 
 1. AdamW over the `demo` MoE model's parameters (418 tensors, 64 experts per layer): torch's
@@ -8,7 +8,10 @@ process, variants interleaved, median of `--repeats`:
 2. top-k routing indices over [4096, 64] scores: `torch.topk` against `engram.model.moe._top_k`
    (k passes of argmax for k <= 4), for k = 1, 2, 4, 8;
 3. one MoE layer of the demo's shape, forward + backward on 4,096 tokens: the per-expert loop,
-   the sorted dispatch, grouped GEMMs, and a dense SwiGLU of the same activated width (384).
+   the sorted dispatch, grouped GEMMs, and a dense SwiGLU of the same activated width (384);
+4. the Engram table's optimiser step on one batch's sparse gradient (the `demo` spec's table,
+   8 heads x 14,759 rows x 16, 16 x 256 tokens): torch's SparseAdam against
+   `engram.optim.IndexedSparseAdam` (the same results bit for bit, checked first).
 
 The last line of output is one JSON record (also written to --out).
 """
@@ -28,6 +31,7 @@ from engram.experiments.report import machine_info, write_json
 from engram.model import EngramLM, model_preset
 from engram.model.layers import SwiGLU
 from engram.model.moe import MoE, _top_k
+from engram.optim import IndexedSparseAdam
 
 
 def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -89,6 +93,26 @@ def moe_layer_cases() -> dict[str, Callable]:
     return cases | {"dense layer (384)": step(dense)}
 
 
+def table_step_cases() -> dict[str, Callable]:
+    heads, rows_per_head, dim = 8, 14759, 16  # the demo spec's table (primes near 14,759)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, rows_per_head, (16, 256, heads), generator=gen)
+    rows += torch.arange(heads) * rows_per_head  # each head's rows start at its offset
+    init = torch.randn(heads * rows_per_head, dim, generator=gen) * 0.02
+    cases, weights = {}, []
+    for cls in (torch.optim.SparseAdam, IndexedSparseAdam):
+        emb = torch.nn.Embedding(len(init), dim, sparse=True, _weight=init.clone())
+        emb(rows).square().sum().backward()  # one batch's gradient, kept for every step
+        opt = cls(emb.parameters(), lr=1e-3, betas=(0.9, 0.95))
+        for _ in range(2):
+            opt.step()
+        weights.append(emb.weight.detach())
+        cases[f"table step {cls.__name__}"] = opt.step
+    if not torch.equal(*weights):
+        raise AssertionError("IndexedSparseAdam differs from SparseAdam")
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
@@ -101,6 +125,7 @@ def main() -> None:
     ms = interleaved(adamw, args.repeats)
     ms |= interleaved(topk_cases(), args.repeats)
     ms |= interleaved(moe_layer_cases(), args.repeats)
+    ms |= interleaved(table_step_cases(), args.repeats)
     for name, value in ms.items():
         print(f"{name:24s} {value:8.2f} ms")
     record = {

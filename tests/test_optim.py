@@ -8,7 +8,7 @@ import torch
 from engram.config import OptimConfig
 from engram.hashing import NgramHasher
 from engram.model import EngramLM, model_preset
-from engram.optim import Optimizers, check_groups, lr_factor
+from engram.optim import IndexedSparseAdam, Optimizers, check_groups, lr_factor
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
@@ -91,8 +91,54 @@ def test_sparse_update_touches_only_read_rows(model_and_tok):
     touched[rows.flatten()] = True
     changed = (table.weight.detach() != before).any(-1)
     assert torch.equal(changed, touched)
+    assert isinstance(opts.named["tables"], IndexedSparseAdam)
     state = opts.named["tables"].state[table.weight]
     assert (state["exp_avg"][~touched] == 0).all()  # untouched rows keep no optimiser state
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_indexed_sparse_adam_is_torchs_sparse_adam_bit_for_bit(maximize):
+    """The tables' optimiser: torch's SparseAdam's values, moments and step count exactly, over
+    steps with repeated rows, a changing lr, a step with no rows and one without a gradient;
+    and each optimiser's state dict continues in the other."""
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(50, 4, generator=gen)
+    batches = [torch.randint(0, 50, (3, 7), generator=gen) for _ in range(6)]
+    batches[3] = batches[3][:0]  # reads no row: an empty sparse gradient
+    results = []
+    for cls in (torch.optim.SparseAdam, IndexedSparseAdam):
+        emb = torch.nn.Embedding(50, 4, sparse=True, _weight=init.clone())
+        opt = cls(emb.parameters(), lr=0.1, betas=(0.9, 0.95), maximize=maximize)
+        for i, rows in enumerate(batches):
+            opt.param_groups[0]["lr"] = 0.1 / (i + 1)
+            if i != 4:  # step 4: no gradient at all, the parameter is skipped
+                (emb(rows) * torch.arange(1.0, 5.0)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append((emb.weight.detach(), opt.state_dict()))
+    (w_torch, s_torch), (w_ours, s_ours) = results
+    assert not torch.equal(w_ours, init)
+    assert torch.equal(w_ours, w_torch)
+    st_torch, st_ours = s_torch["state"][0], s_ours["state"][0]
+    assert st_ours["step"] == st_torch["step"] == 5
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(st_ours[key], st_torch[key])
+    # The states are interchangeable: torch's loads into ours (and steps on) and vice versa.
+    for cls, state in ((IndexedSparseAdam, s_torch), (torch.optim.SparseAdam, s_ours)):
+        emb = torch.nn.Embedding(50, 4, sparse=True, _weight=w_torch.clone())
+        opt = cls(emb.parameters(), lr=0.1, betas=(0.9, 0.95), maximize=maximize)
+        opt.load_state_dict(state)
+        emb(batches[0]).sum().backward()
+        opt.step()
+        results.append(emb.weight.detach())
+    assert torch.equal(results[2], results[3])
+
+
+def test_indexed_sparse_adam_refuses_dense_gradients():
+    weight = torch.nn.Parameter(torch.zeros(3, 2))
+    weight.grad = torch.ones(3, 2)
+    with pytest.raises(RuntimeError, match="dense gradients"):
+        IndexedSparseAdam([weight]).step()
 
 
 def test_schedules():

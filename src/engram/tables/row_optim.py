@@ -45,6 +45,29 @@ import torch
 from engram.tables.base import ALL, RowStore, TableLayout, check_rows, check_values
 
 
+def adam_rows(
+    p: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    grads: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    lr: float,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New (value, m, v) [U, r] of U rows from their old ones and summed gradients at `step`.
+
+    The operations (and their order) of torch.optim._functional.sparse_adam, so that the fp32
+    results agree bit for bit with nn.Embedding(sparse=True) + SparseAdam.
+    """
+    b1, b2 = betas
+    m_new = grads.sub(m).mul_(1 - b1).add_(m)  # m + (1 - b1)(g - m)
+    v_new = grads.pow(2).sub_(v).mul_(1 - b2).add_(v)  # v + (1 - b2)(g^2 - v)
+    denom = v_new.sqrt().add_(eps)
+    step_size = lr * math.sqrt(1 - b2**step) / (1 - b1**step)
+    return p.add(m_new.div(denom).mul_(-step_size)), m_new, v_new
+
+
 class RowOptimizer(ABC):
     """Updates the touched rows of a store from their gradients: `step(store, rows, grads, lr)`."""
 
@@ -128,17 +151,8 @@ class RowAdam(RowOptimizer):
     def _update(
         self, records: torch.Tensor, grads: torch.Tensor, dim: int, lr: float
     ) -> torch.Tensor:
-        b1, b2 = self.betas
         p, m, v = records[:, :dim], records[:, dim : 2 * dim], records[:, 2 * dim :]
-        # The operations (and their order) of torch.optim._functional.sparse_adam, so that the
-        # fp32 results agree bit for bit with nn.Embedding(sparse=True) + SparseAdam.
-        m_new = grads.sub(m).mul_(1 - b1).add_(m)  # m + (1 - b1)(g - m)
-        v_new = grads.pow(2).sub_(v).mul_(1 - b2).add_(v)  # v + (1 - b2)(g^2 - v)
-        denom = v_new.sqrt().add_(self.eps)
-        t = self.steps
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-        p_new = p.add(m_new.div(denom).mul_(-step_size))
-        return torch.cat([p_new, m_new, v_new], dim=1)
+        return torch.cat(adam_rows(p, m, v, grads, self.betas, self.eps, lr, self.steps), dim=1)
 
     def _hyper(self) -> dict[str, Any]:
         return {"betas": list(self.betas), "eps": self.eps}
