@@ -108,6 +108,14 @@ def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
         moe, engram = (p["val_loss_per_seed"] for p in points)
         assert t["diff_per_seed"] == [m - e for m, e in zip(moe, engram, strict=True)]
         assert t["verdict"] in ("resolved", "unresolved")
+    (change,) = report["trend_change"]  # the gain at the last budget minus the first, paired
+    assert change["change_per_seed"] == [
+        b - a for a, b in zip(trend[0]["diff_per_seed"], trend[1]["diff_per_seed"], strict=True)
+    ]
+    assert change["gains"] == [t["diff_mean"] for t in trend] and change["verdict"] in (
+        "resolved",
+        "unresolved",
+    )
     assert (out / "gap_vs_tokens.png").stat().st_size > 1000
     assert "gain against training tokens" in (out / "report.md").read_text()
     # A rerun reads the finished points back instead of training them again.

@@ -131,6 +131,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
         "seconds": time.perf_counter() - start,
     }
     report["trend"] = token_trend(by_tokens)
+    report["trend_change"] = trend_change(report["trend"])
     write_json(out / "report.json", report)
     if report["trend"]:
         plot_trend(report["trend"], out / "gap_vs_tokens.png")
@@ -175,6 +176,38 @@ def token_trend(sweeps: dict[int, list[dict]]) -> list[dict[str, Any]]:
     return trend
 
 
+def trend_change(trend: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per Engram rho: its gain at the largest budget minus at the smallest, paired by seed, with
+    the studies' verdict rule (resolved when |mean| exceeds twice the larger seed spread of the
+    two gains): does the gap shrink with tokens, as critics of the paper report, or not?"""
+    from engram.experiments.granularity import verdict
+
+    def spread(t: dict[str, Any]) -> float:
+        return max(t["diff_per_seed"]) - min(t["diff_per_seed"])
+
+    changes = []
+    for rho in sorted({t["rho"] for t in trend}, reverse=True):
+        pts = sorted((t for t in trend if t["rho"] == rho), key=lambda t: t["tokens"])
+        first, last = pts[0], pts[-1]
+        per_seed = [
+            b - a for a, b in zip(first["diff_per_seed"], last["diff_per_seed"], strict=True)
+        ]
+        mean = sum(per_seed) / len(per_seed)
+        changes.append(
+            {
+                "rho": rho,
+                "from_tokens": first["tokens"],
+                "to_tokens": last["tokens"],
+                "gains": [t["diff_mean"] for t in pts],
+                "change_per_seed": per_seed,
+                "change_mean": mean,
+                "threshold": 2 * max(spread(first), spread(last)),
+                "verdict": verdict(mean, spread(first), spread(last), len(per_seed)),
+            }
+        )
+    return changes
+
+
 def plot_trend(trend: list[dict[str, Any]], path: Path) -> None:
     rhos = sorted({t["rho"] for t in trend}, reverse=True)
     plot_curves(
@@ -193,7 +226,7 @@ def plot_trend(trend: list[dict[str, Any]], path: Path) -> None:
     )
 
 
-def _trend_markdown(trend: list[dict[str, Any]]) -> list[str]:
+def _trend_markdown(trend: list[dict[str, Any]], changes: list[dict[str, Any]]) -> list[str]:
     if not trend:
         return []
     rows = [
@@ -209,14 +242,14 @@ def _trend_markdown(trend: list[dict[str, Any]]) -> list[str]:
     ]
     header = ["tokens", "rho", "MoE - Engram", "per seed", "2 x spread", "verdict"]
     lines = ["## Engram's gain against training tokens\n", markdown_table(header, rows)]
-    for rho in sorted({t["rho"] for t in trend}, reverse=True):
-        pts = sorted((t for t in trend if t["rho"] == rho), key=lambda t: t["tokens"])
-        first, last = pts[0], pts[-1]
-        change = last["diff_mean"] - first["diff_mean"]
+    for c in changes:
         lines.append(
-            f"\nrho {rho}: the gain {'grows' if change > 0 else 'shrinks'} from "
-            f"{first['diff_mean']:+.4f} at {first['tokens']:,} tokens to {last['diff_mean']:+.4f}"
-            f" at {last['tokens']:,} ({change:+.4f})."
+            f"\nrho {c['rho']}: the gain {'grows' if c['change_mean'] > 0 else 'shrinks'} from "
+            f"{c['gains'][0]:+.4f} at {c['from_tokens']:,} tokens to {c['gains'][-1]:+.4f} at "
+            f"{c['to_tokens']:,} (by budget: {', '.join(f'{g:+.4f}' for g in c['gains'])}); "
+            f"the change, {c['change_mean']:+.4f} (per seed "
+            f"{', '.join(f'{d:+.4f}' for d in c['change_per_seed'])}), is **{c['verdict']}** "
+            f"(threshold {c['threshold']:.4f}: twice the larger seed spread of the two gains)."
         )
     lines.append("\n![gain against tokens](gap_vs_tokens.png)\n")
     return lines
@@ -277,5 +310,5 @@ def _markdown(report: dict) -> str:
             )
         )
     parts.append("![validation loss against rho](allocation.png)\n")
-    parts += _trend_markdown(report.get("trend", []))
+    parts += _trend_markdown(report.get("trend", []), report.get("trend_change", []))
     return "\n".join(parts)
