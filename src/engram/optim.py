@@ -43,7 +43,7 @@ def lr_factor(step: int, total: int, config: OptimConfig) -> float:
 
 class IndexedSparseAdam(torch.optim.SparseAdam):
     """`torch.optim.SparseAdam` with the same state, hyper-parameters and results bit for bit
-    (tests/test_optim.py), in a third of the passes: the touched rows of the value and both
+    (tests/test_optim.py), in fewer passes: the touched rows of the value and both
     moments are gathered once, updated as dense [U, r] blocks and written back, where torch's
     step masks and adds sparse tensors six times (bench/moe_parts.py times both)."""
 
