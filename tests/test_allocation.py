@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from engram.cli import main, train_config
-from engram.experiments.allocation import QUICK, AllocationConfig, allocation_arms, sweep_flops
+from engram.experiments.allocation import (
+    QUICK,
+    AllocationConfig,
+    allocation_arms,
+    sweep_flops,
+    u_shape,
+)
 from engram.experiments.arms import (
     arm_config,
     study_from_args,
@@ -34,6 +40,38 @@ def test_every_rho_keeps_p_tot_and_p_act():
         assert abs(counts.p_act - base.p_act) <= plan.expert_size, rho
         tables.append(counts.engram_tables)
     assert tables == sorted(tables) and tables[0] == 0  # less rho, more memory
+
+
+def point(rho: float, *losses: float) -> dict:
+    """An allocation point as the report holds it: per-seed losses, their mean and spread."""
+    return {
+        "rho": rho,
+        "val_loss": sum(losses) / len(losses),
+        "val_loss_per_seed": list(losses),
+        "val_loss_spread": max(losses) - min(losses),
+    }
+
+
+def test_u_shape_verdicts():
+    """Resolved only for an interior best with both ends worse by more than twice the spread."""
+    u = u_shape(
+        [point(1.0, 4.0, 4.1), point(0.8, 3.5, 3.52), point(0.6, 3.55, 3.6), point(0.2, 4.2, 4.3)]
+    )
+    assert u["best_rho"] == 0.8 and u["interior"] and u["verdict"] == "resolved"
+    assert u["highest_rho"]["rho"] == 1.0 and u["highest_rho"]["diff_per_seed"] == pytest.approx(
+        [0.5, 0.58]
+    )
+    assert u["lowest_rho"]["verdict"] == "resolved"
+    assert u["within_noise_of_best"] == [0.6, 0.8]  # 0.6 is +0.065 against a threshold of 0.1
+    # Monotone: the best is an end, so no U whatever the noise.
+    mono = u_shape([point(1.0, 4.0, 4.0), point(0.8, 3.8, 3.8), point(0.2, 3.5, 3.5)])
+    assert mono["best_rho"] == 0.2 and not mono["interior"] and mono["lowest_rho"] is None
+    assert mono["verdict"] == "unresolved"
+    # Noisy: an interior best, but one end within twice the spread.
+    noisy = u_shape([point(1.0, 3.9, 4.3), point(0.8, 3.8, 3.9), point(0.2, 4.5, 4.6)])
+    assert noisy["interior"] and noisy["highest_rho"]["verdict"] == "unresolved"
+    assert noisy["verdict"] == "unresolved"
+    assert u_shape([point(1.0, 4.0), point(0.8, 3.9)]) is None  # two rhos draw no U
 
 
 def test_bad_sweep_config():
@@ -101,6 +139,7 @@ def test_quick_sweep_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
             assert math.isclose(p["val_loss"], sum(p["val_loss_per_seed"]) / 2)
     assert (out / "allocation.png").stat().st_size > 1000
     assert "Lowest loss at rho" in (out / "report.md").read_text()
+    assert set(report["u_shape"]) == set(report["sweeps"])  # None per budget: only two rhos
     # Engram's gain over the pure MoE at each budget, paired by seed (issue 17: more tokens).
     trend = report["trend"]
     assert [(t["tokens"], t["rho"]) for t in trend] == [(3 * 8 * 64, 0.6), (4 * 8 * 64, 0.6)]

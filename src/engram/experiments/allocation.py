@@ -130,6 +130,7 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
         "machine": machine_info(),
         "seconds": time.perf_counter() - start,
     }
+    report["u_shape"] = {label: u_shape(points) for label, points in sweeps.items()}
     report["trend"] = token_trend(by_tokens)
     report["trend_change"] = trend_change(report["trend"])
     write_json(out / "report.json", report)
@@ -153,6 +154,52 @@ def run_allocation(cfg: AllocationConfig = AllocationConfig()) -> dict[str, Any]
     (out / "report.md").write_text(_markdown(report))
     print(_markdown(report))
     return report
+
+
+def u_shape(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Is the loss U-shaped in rho at one budget (paper: optimum near 0.75-0.8, both ends worse)?
+    The best rho by mean loss; each end's loss minus the best's, paired by seed, with the
+    studies' verdict rule; the rhos within noise of the best (not resolved from it). Resolved
+    when the best rho is interior and both ends are resolved worse. None below three rhos."""
+    from engram.experiments.granularity import compare  # one verdict rule for every study
+
+    if len(points) < 3:
+        return None
+    by_rho = sorted(points, key=lambda p: p["rho"])
+    best = min(points, key=lambda p: p["val_loss"])
+    ends = {"lowest_rho": by_rho[0], "highest_rho": by_rho[-1]}
+    result: dict[str, Any] = {
+        "best_rho": best["rho"],
+        "interior": best not in ends.values(),
+        "within_noise_of_best": [
+            p["rho"] for p in by_rho if p is best or compare(p, best)["verdict"] == "unresolved"
+        ],
+    }
+    for name, p in ends.items():
+        result[name] = None if p is best else {"rho": p["rho"], **compare(p, best)}
+    both_worse = all(r is not None and r["verdict"] == "resolved" for r in map(result.get, ends))
+    result["verdict"] = "resolved" if result["interior"] and both_worse else "unresolved"
+    return result
+
+
+def _u_markdown(u: dict[str, Any] | None) -> str:
+    if u is None:
+        return ""
+    ends = []
+    for name in ("highest_rho", "lowest_rho"):
+        end = u[name]
+        if end is not None:
+            per_seed = ", ".join(f"{d:+.4f}" for d in end["diff_per_seed"])
+            ends.append(
+                f"rho = {end['rho']} is {end['diff_mean']:+.4f} (per seed {per_seed}; "
+                f"{end['verdict']}, threshold {end['threshold']:.4f})"
+            )
+    where = "an interior rho" if u["interior"] else "an end of the sweep"
+    return (
+        f"U-shape: the best mean loss is at rho = {u['best_rho']} ({where}); against it "
+        f"{'; '.join(ends)}. Within noise of the best: rho in {u['within_noise_of_best']}. "
+        f"U **{u['verdict']}** (an interior best with both ends resolved worse).\n"
+    )
 
 
 def token_trend(sweeps: dict[int, list[dict]]) -> list[dict[str, Any]]:
@@ -309,6 +356,7 @@ def _markdown(report: dict) -> str:
                 else ". One seed per point: the seed noise is not measured here.\n"
             )
         )
+        parts.append(_u_markdown(report.get("u_shape", {}).get(label)))
     parts.append("![validation loss against rho](allocation.png)\n")
     parts += _trend_markdown(report.get("trend", []), report.get("trend_change", []))
     return "\n".join(parts)
