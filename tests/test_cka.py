@@ -180,7 +180,7 @@ def test_quick_study_writes_the_report(quick):
 def test_a_model_against_itself(quick):
     engram = quick["out"] / "models" / "engram"
     out = quick["root"] / "self"
-    argv = ["study", "cka", "--ckpt", str(engram), "--baseline", str(engram)]
+    argv = ["study", "cka", "--ckpt", str(engram), "--baseline-ckpt", str(engram)]
     argv += ["--data", str(quick["corpus"]), "--out", str(out), "--max-tokens", "2048"]
     assert main([*argv, "--minibatch", "128"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -193,11 +193,11 @@ def test_a_model_against_itself(quick):
 
 def test_bad_arguments_exit_2(quick, tmp_path):
     engram = str(quick["out"] / "models" / "engram")
-    assert main(["study", "cka", "--ckpt", str(tmp_path / "nope"), "--baseline", engram]) == 2
+    assert main(["study", "cka", "--ckpt", str(tmp_path / "nope"), "--baseline-ckpt", engram]) == 2
     assert main(["study", "cka", "--ckpt", engram]) == 2  # no --baseline
     assert main(["study", "cka"]) == 2  # neither checkpoints nor --quick
     assert main(["study", "cka", "--quick", "--minibatch", "2"]) == 2
     assert main(["study", "cka", "--quick", "--top-k", "0"]) == 2
-    argv = ["study", "cka", "--ckpt", engram, "--baseline", engram, "--out", str(tmp_path)]
+    argv = ["study", "cka", "--ckpt", engram, "--baseline-ckpt", engram, "--out", str(tmp_path)]
     argv += ["--data", str(quick["corpus"]), "--max-tokens", "100"]
     assert main(argv) == 2  # fewer tokens than one minibatch of 1,024

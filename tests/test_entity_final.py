@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from engram.cli import main
+from engram.config import to_dict
 from engram.experiments.layerwise import mean_over_pairs, selections_of
 from engram.experiments.token_kinds import entity_final_document, entity_final_stream
+from engram.model import model_preset
 
 
 def _chosen(pieces: list[str]) -> list[str]:
@@ -134,9 +136,20 @@ def test_cka_reports_both_selections(deep):
 def test_bad_pair_flags_exit_2(deep, tmp_path, capsys):
     engram = str(deep["models"] / "seed-0" / "engram")
     assert main(["study", "cka", "--quick", "--seeds", "0,1"]) == 2  # seeds without --preset
-    argv = ["study", "logit-lens", "--preset", "demo-deep", "--ckpt", engram, "--baseline", engram]
-    assert main(argv) == 2  # a preset to train and checkpoints to load
+    argv = ["study", "logit-lens", "--preset", "demo-deep", "--ckpt", engram]
+    assert main([*argv, "--baseline-ckpt", engram]) == 2  # a preset to train and checkpoints
     assert main(["study", "logit-lens", "--preset", "nope", "--out", str(tmp_path)]) == 2
+    # --baseline is a granularity report for the pair trained here: not for checkpoints, and
+    # only for the preset it swept (the demo's experts are not demo-deep's).
+    report = tmp_path / "granularity"
+    report.mkdir()
+    chosen = {"best_moe": to_dict(model_preset("demo").moe), "config": {"preset": "demo"}}
+    (report / "report.json").write_text(json.dumps(chosen))
+    argv = ["study", "cka", "--ckpt", engram, "--baseline-ckpt", engram, "--baseline", str(report)]
+    assert main(argv) == 2
+    argv = ["study", "cka", "--preset", "demo-deep", "--baseline", str(report)]
+    assert main([*argv, "--models", str(tmp_path / "m"), "--out", str(tmp_path / "c")]) == 2
+    assert "not 'demo-deep'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse's own exit 2
         main(["study", "cka", "--quick", "--tokens", "names"])
     # A text with no identifier or string in its first tokens has no entity-final position.
@@ -144,7 +157,16 @@ def test_bad_pair_flags_exit_2(deep, tmp_path, capsys):
     prose.mkdir()
     for i in range(40):  # enough documents for a validation split
         (prose / f"{i}.txt").write_text(". , ; " * 200)
-    argv = ["study", "logit-lens", "--ckpt", engram, "--baseline", engram, "--data", str(prose)]
+    argv = [
+        "study",
+        "logit-lens",
+        "--ckpt",
+        engram,
+        "--baseline-ckpt",
+        engram,
+        "--data",
+        str(prose),
+    ]
     capsys.readouterr()
     assert main([*argv, "--tokens", "entity-final", "--out", str(tmp_path / "o")]) == 2
     assert "no entity-final tokens" in capsys.readouterr().err

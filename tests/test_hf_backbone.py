@@ -309,8 +309,8 @@ def test_the_studies_take_a_run_of_a_pretrained_model(corpus, base, tmp_path):
         ["controls", "--ckpt", str(run), "--eval-tokens", "1024"],
         ["gates", "--ckpt", str(run), "--text", "def f(x):\n    return x"],
         ["collisions", "--ckpt", str(run), "--max-tokens", "2048"],
-        ["logit-lens", "--ckpt", str(run), "--baseline", str(plain), "--max-tokens", "1024"],
-        ["cka", "--ckpt", str(run), "--baseline", str(plain), "--max-tokens", "2048"],
+        ["logit-lens", "--ckpt", str(run), "--baseline-ckpt", str(plain), "--max-tokens", "1024"],
+        ["cka", "--ckpt", str(run), "--baseline-ckpt", str(plain), "--max-tokens", "2048"],
     ]
     for argv in studies:
         out = tmp_path / argv[0]

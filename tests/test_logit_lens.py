@@ -102,7 +102,7 @@ def test_readout_reproduces_the_models_logits(quick):
 
 def test_checkpoints_given_explicitly_reproduce_the_quick_run(quick, tmp_path):
     models, out = quick["out"] / "models", tmp_path / "again"
-    argv = ["study", "logit-lens", "--ckpt", str(models / "engram"), "--baseline"]
+    argv = ["study", "logit-lens", "--ckpt", str(models / "engram"), "--baseline-ckpt"]
     argv += [str(models / "baseline"), "--data", str(quick["corpus"]), "--out", str(out)]
     argv += ["--max-tokens", str(QUICK_TOKENS)]
     assert main(argv) == 0
@@ -114,8 +114,8 @@ def test_checkpoints_given_explicitly_reproduce_the_quick_run(quick, tmp_path):
 def test_bad_arguments_exit_2(quick, tmp_path):
     engram = str(quick["out"] / "models" / "engram")
     missing = str(tmp_path / "nope")
-    assert main(["study", "logit-lens", "--ckpt", missing, "--baseline", engram]) == 2
-    assert main(["study", "logit-lens", "--ckpt", engram, "--baseline", missing]) == 2
-    assert main(["study", "logit-lens", "--baseline", engram]) == 2  # no --ckpt
+    assert main(["study", "logit-lens", "--ckpt", missing, "--baseline-ckpt", engram]) == 2
+    assert main(["study", "logit-lens", "--ckpt", engram, "--baseline-ckpt", missing]) == 2
+    assert main(["study", "logit-lens", "--baseline-ckpt", engram]) == 2  # no --ckpt
     assert main(["study", "logit-lens"]) == 2  # neither checkpoints nor --quick
     assert main(["study", "logit-lens", "--quick", "--max-tokens", "1"]) == 2

@@ -39,6 +39,7 @@ from engram.data import build_shard, eval_batches
 from engram.experiments.arms import (
     STUDY_TRAIN,
     Study,
+    add_baseline_argument,
     add_set_argument,
     arm_config,
     train_arm,
@@ -111,7 +112,7 @@ def load_pair(
     a, b = (load_trained(path, device=device) for path in (ckpt, baseline))
     if a.tokenizer.fingerprint != b.tokenizer.fingerprint:
         raise ValueError(
-            f"--ckpt {ckpt} and --baseline {baseline} were trained with different tokenizers: "
+            f"--ckpt {ckpt} and --baseline-ckpt {baseline} were trained with different tokenizers: "
             "a layer-by-layer comparison needs the same tokens in both models"
         )
     # Windows no longer than either model's context; A's batch shape, as A was evaluated.
@@ -137,10 +138,14 @@ def train_preset_pairs(
     template: TrainConfig,
     models: Path,
     overrides: tuple[str, ...] = (),
+    baseline: str = "",
 ) -> list[tuple[int, Path, Path]]:
     """Per seed: (seed, Engram run, MoE run) of `preset`'s demo arms under `models`/seed-N,
-    trained or, where finished with the same config, reused. `overrides`: `--set` for both."""
-    study = Study(train=template, seeds=seeds, preset=preset, overrides=overrides)
+    trained or, where finished with the same config, reused. `overrides`: `--set` for both;
+    `baseline`: a granularity study's report, whose MoE replaces the preset's."""
+    study = Study(
+        train=template, seeds=seeds, preset=preset, overrides=overrides, baseline=baseline
+    )
     arms, _ = demo_arms(study.base_model(), PAIR_RHO)  # an unknown preset fails here, first
     get_tokenizer(template.tokenizer, template.data)  # built once, before the arms' clocks
     train_runs(
@@ -152,7 +157,7 @@ def train_preset_pairs(
 def add_pair_arguments(p: argparse.ArgumentParser, study: str, full_tokens: int) -> None:
     """The options both studies take."""
     p.add_argument("--ckpt", help=f"the Engram run (e.g. {FULL_RUN}/engram)")
-    p.add_argument("--baseline", help=f"the baseline run (e.g. {FULL_RUN}/moe)")
+    p.add_argument("--baseline-ckpt", help=f"the baseline run (e.g. {FULL_RUN}/moe)")
     p.add_argument(
         "--max-tokens",
         type=int,
@@ -191,17 +196,19 @@ def add_pair_arguments(p: argparse.ArgumentParser, study: str, full_tokens: int)
         help="with --preset: where the pairs are trained or reused (default "
         "runs/pairs/PRESET; --quick OUT/models)",
     )
+    add_baseline_argument(p)  # with --preset: the strongest MoE, as the other studies take it
     add_set_argument(p)
 
 
 def _check_pair_flags(args: argparse.Namespace) -> None:
-    if (args.ckpt is None) != (args.baseline is None):
-        raise ValueError("give both --ckpt (the Engram run) and --baseline, or neither")
-    trains = [f"--{k}" for k in ("seeds", "steps", "models", "set") if getattr(args, k)]
+    if (args.ckpt is None) != (args.baseline_ckpt is None):
+        raise ValueError("give both --ckpt (the Engram run) and --baseline-ckpt, or neither")
+    keys = ("seeds", "steps", "models", "set", "baseline")
+    trains = [f"--{k}" for k in keys if getattr(args, k)]
     if args.preset is None and trains:
         raise ValueError(f"{', '.join(trains)}: only for a pair trained here; give --preset too")
     if args.preset is not None and args.ckpt is not None:
-        raise ValueError("give --preset (train the pair) or --ckpt and --baseline, not both")
+        raise ValueError("give --preset (train the pair) or --ckpt and --baseline-ckpt, not both")
 
 
 def _preset_pairs(args: argparse.Namespace, out: Path) -> list[Pair]:
@@ -212,12 +219,25 @@ def _preset_pairs(args: argparse.Namespace, out: Path) -> list[Pair]:
     template = replace(template, data=args.data or template.data)
     if args.steps is not None:
         template = replace(template, steps=args.steps)
-    models = Path(args.models or (out / "models" if args.quick else f"runs/pairs/{args.preset}"))
-    trained = train_preset_pairs(args.preset, seeds, template, models, tuple(args.set))
+    models = Path(args.models or (out / "models" if args.quick else default_models(args)))
+    trained = train_preset_pairs(
+        args.preset, seeds, template, models, tuple(args.set), args.baseline or ""
+    )
     return [
         replace(load_pair(engram, moe, args.data, args.device), seed=seed)
         for seed, engram, moe in trained
     ]
+
+
+def default_models(args: argparse.Namespace) -> str:
+    """runs/pairs/PRESET, or runs/pairs/PRESET-REPORT with a granularity report's MoE (its
+    folder's name), so that the two baselines' pairs never overwrite each other."""
+    if not args.baseline:
+        return f"runs/pairs/{args.preset}"
+    report = Path(args.baseline)
+    return (
+        f"runs/pairs/{args.preset}-{(report if report.suffix != '.json' else report.parent).name}"
+    )
 
 
 def pairs_from_args(args: argparse.Namespace, out: Path) -> list[Pair]:
@@ -229,12 +249,13 @@ def pairs_from_args(args: argparse.Namespace, out: Path) -> list[Pair]:
     if args.ckpt is None:
         if not args.quick:
             raise ValueError(
-                f"give --ckpt and --baseline (e.g. --ckpt {FULL_RUN}/engram --baseline "
-                f"{FULL_RUN}/moe), --preset to train a pair, or --quick to train a tiny pair"
+                f"give --ckpt and --baseline-ckpt (e.g. --ckpt {FULL_RUN}/engram "
+                f"--baseline-ckpt {FULL_RUN}/moe), --preset to train a pair, or --quick to "
+                "train a tiny pair"
             )
         ckpt, baseline = train_quick_pair(out, args.data or "default")
         return [load_pair(ckpt, baseline, args.data, args.device)]
-    return [load_pair(args.ckpt, args.baseline, args.data, args.device)]
+    return [load_pair(args.ckpt, args.baseline_ckpt, args.data, args.device)]
 
 
 def max_tokens_from_args(args: argparse.Namespace, full_tokens: int) -> int:
