@@ -38,7 +38,7 @@ else
   decode_sizes=(--preset tiny --prompt 32 --steps 8 --repeats 2)
 fi
 # The files holding CUDA-only tests (skipped without a GPU), and the keyword that picks them.
-CUDA_TESTS=(tests/test_hashing.py tests/test_module.py tests/test_tables.py
+CUDA_TESTS=(tests/test_hashing.py tests/test_module.py tests/test_tables.py tests/test_optim.py
   tests/test_placed_tables.py tests/test_errors.py)
 failed=()
 

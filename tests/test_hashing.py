@@ -257,3 +257,18 @@ def test_compiled_remainder_by_reciprocal_is_exact():
     x = torch.stack([reciprocal_cases(int(q))[:5000] for q in RECIPROCAL_PRIMES])
     compiled = torch.compile(remainder_by_reciprocal, fullgraph=True, dynamic=False)
     assert torch.equal(compiled(x, p), torch.remainder(x, p))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reciprocal_remainders_and_compiled_hasher_match_cpu(demo_hasher, demo_spec):
+    """On CUDA the float quotient runs in the GPU's float64 (eager and in a Triton kernel), and
+    the compiled hasher takes it: the same bits as the CPU's integer remainders."""
+    p = torch.tensor(RECIPROCAL_PRIMES)[:, None]
+    x = torch.stack([reciprocal_cases(int(q))[:5000] for q in RECIPROCAL_PRIMES])
+    want = torch.remainder(x, p)
+    assert torch.equal(remainder_by_reciprocal(x.cuda(), p.cuda()).cpu(), want)
+    compiled = torch.compile(remainder_by_reciprocal, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x.cuda(), p.cuda()).cpu(), want)
+    ids = torch.randint(0, demo_spec.vocab_size, (2, 256))
+    rows, _ = torch.compile(demo_hasher.hash_stacked, fullgraph=True)(ids.cuda())
+    assert torch.equal(rows.cpu(), demo_hasher.hash_stacked(ids)[0])
