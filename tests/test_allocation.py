@@ -23,6 +23,7 @@ from engram.experiments.arms import (
     study_from_args,
     study_from_recipe,
     tokens_per_arm,
+    train_arm,
 )
 from engram.model import model_preset
 from engram.model.accounting import count_params_from_config
@@ -231,3 +232,47 @@ def test_gpu_recipe_runs_on_a_cpu_shrunk_by_flags(tmp_path, monkeypatch, stdlib_
     assert report["config"]["preset"] == "gpu-small" and report["training_flops"] > 0
     config = json.loads((out / "steps-2" / "seed-0" / "rho-0.9" / "config.json").read_text())
     assert (config["precision"], config["steps"], config["optim"]["fused"]) == ("bf16", 2, True)
+
+
+def test_an_interrupted_arm_resumes_from_its_checkpoint(
+    tmp_path, monkeypatch, capsys, stdlib_corpus
+):
+    """A study's arm killed after a checkpoint continues from it on the next call, to the same
+    result as an arm never interrupted; how often it checkpoints is not part of reuse."""
+    import engram.train
+
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
+    template = replace(QUICK.train, data=str(stdlib_corpus(60)), steps=4, ckpt_every=2)
+    template = replace(template, seq_len=32, batch_size=4, eval_tokens=1024)
+    model = model_preset("tiny")
+    whole = train_arm(arm_config(template, model, seed=0, out=tmp_path / "whole"))
+
+    real_step = engram.train.Run.train_step
+
+    def dies_at_step_3(run, batch):
+        if run.step == 3:
+            raise KeyboardInterrupt  # the process is stopped (a session ends, ^C)
+        return real_step(run, batch)
+
+    config = arm_config(template, model, seed=0, out=tmp_path / "cut")
+    monkeypatch.setattr(engram.train.Run, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_arm(config)
+    steps_taken = []
+
+    def counts(run, batch):
+        steps_taken.append(run.step)
+        return real_step(run, batch)
+
+    monkeypatch.setattr(engram.train.Run, "train_step", counts)
+    capsys.readouterr()
+    resumed = train_arm(config)
+    assert "resuming the unfinished run" in capsys.readouterr().out
+    assert steps_taken == [2, 3]  # from the step-2 checkpoint on, not from scratch
+    assert resumed["val_loss"] == whole["val_loss"] and resumed["tokens"] == whole["tokens"]
+    # A finished run is read back whatever its checkpoint cadence; another config retrains.
+    assert train_arm(replace(config, ckpt_every=0))["val_loss"] == whole["val_loss"]
+    assert "reusing the finished run" in capsys.readouterr().out
+    (tmp_path / "cut" / "summary.json").unlink()
+    train_arm(replace(config, seed=1))  # an unfinished run of another config: trained afresh
+    assert "resuming" not in capsys.readouterr().out

@@ -5,8 +5,11 @@ seeds: an arm is the study's template `TrainConfig` plus its model, seed and fol
 user's `key=value` overrides (the syntax of `engram train`), built by `arm_config`. `train_arm`
 writes `summary.json` beside the run; a later call with the identical resolved config reads it
 back instead of training again, so an interrupted study restarts where it stopped and a report
-can be rebuilt without retraining. Any change to the config (steps, seed, model, data...)
-trains afresh.
+can be rebuilt without retraining. An arm interrupted after a checkpoint (`ckpt_every`)
+continues from it (`arm.json` records the config it was started with; resuming is exact, as
+`engram train --resume`). Any change to the config (steps, seed, model, data...) trains afresh;
+how often a run checkpoints or shows progress changes no result, so those two fields are not
+compared.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from engram.model.accounting import count_params_from_config
 from engram.train import train
 
 SUMMARY = "summary.json"
+ARM = "arm.json"  # the config an arm was started with: an unfinished run of it may resume
+# TrainConfig fields that change neither a run's numbers nor where it writes them.
+NOT_RESULTS = ("ckpt_every", "progress")
 
 # The CPU-scale runs committed under `results/`: 16 x 256 tokens per step, 131,072 validation
 # tokens. eval_every 0: each arm evaluates only at its end (see `arm_config`).
@@ -240,7 +246,19 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
 
 
 def _jsonable(config: TrainConfig) -> Any:
-    return json.loads(json.dumps(to_dict(config)))  # tuples become lists, as when read back
+    """The config as JSON reads it back (tuples become lists), without `NOT_RESULTS`."""
+    values = json.loads(json.dumps(to_dict(config)))
+    return {k: v for k, v in values.items() if k not in NOT_RESULTS}
+
+
+def _resumable(config: TrainConfig) -> bool:
+    """Whether `config.out_dir` holds an unfinished run of this config with a checkpoint."""
+    out = Path(config.out_dir)
+    try:
+        started = from_dict(TrainConfig, json.loads((out / ARM).read_text()))
+    except (OSError, ValueError, json.JSONDecodeError):
+        return False
+    return _jsonable(started) == _jsonable(config) and (out / "checkpoints" / "latest").exists()
 
 
 def train_arm(config: TrainConfig, reuse: bool = True) -> dict[str, Any]:
@@ -248,8 +266,14 @@ def train_arm(config: TrainConfig, reuse: bool = True) -> dict[str, Any]:
     out, model = Path(config.out_dir), config.model
     summary = finished_summary(config) if reuse else None
     if summary is None:
-        shutil.rmtree(out, ignore_errors=True)  # a fresh, comparable run
-        summary = train(config)
+        resume = reuse and _resumable(config)
+        if resume:
+            print(f"resuming the unfinished run in {out}", flush=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # a fresh, comparable run
+            out.mkdir(parents=True)
+            (out / ARM).write_text(json.dumps(to_dict(config), indent=2))
+        summary = train(config, resume=resume)
         (out / SUMMARY).write_text(
             json.dumps({"config": _jsonable(config), "summary": summary}, indent=2)
         )
