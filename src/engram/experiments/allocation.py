@@ -261,7 +261,10 @@ def plot_trend(trend: list[dict[str, Any]], path: Path) -> None:
         {f"rho {r}": [[t["tokens"], t["diff_mean"]] for t in trend if t["rho"] == r] for r in rhos},
         path,
         "Engram's gain over the pure MoE against training tokens",
+        xlabel="training tokens per arm (log scale)",
         ylabel="val loss, MoE - Engram (nats; > 0: Engram better)",
+        log2_x=True,
+        zero_line=True,
         bands={
             f"rho {r}": [
                 [t["tokens"], min(t["diff_per_seed"]), max(t["diff_per_seed"])]

@@ -137,8 +137,11 @@ def plot_curves(
     xlabel: str = "training tokens",
     ylabel: str = "validation loss (nats/token)",
     bands: dict[str, list[list[float]]] | None = None,
+    log2_x: bool = False,
+    zero_line: bool = False,
 ) -> Path | None:
-    """One line per arm ([x, y] points), optional min/max band per arm; None without matplotlib."""
+    """One line per arm ([x, y] points), optional min/max band per arm; None without matplotlib.
+    `log2_x`: doublings evenly spaced (token budgets); `zero_line`: y = 0 drawn (differences)."""
     plt = pyplot()
     if plt is None:
         return None
@@ -149,6 +152,10 @@ def plot_curves(
         if bands and name in bands and bands[name]:
             bx, lo, hi = zip(*bands[name], strict=True)
             ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    if zero_line:
+        ax.axhline(0.0, color="0.4", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
