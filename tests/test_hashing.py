@@ -10,7 +10,12 @@ import pytest
 import torch
 from reference import reference_rows
 
-from engram.hashing import RECIPROCAL_MIN_PRIME, NgramHasher, remainder_by_reciprocal
+from engram.hashing import (
+    RECIPROCAL_MIN_PRIME,
+    NgramHasher,
+    reduce_near,
+    remainder_by_reciprocal,
+)
 from engram.spec import resolve
 from engram.tokenizer import train_bpe
 from engram.vocab import compress
@@ -249,6 +254,14 @@ def test_remainder_by_reciprocal_is_exact(p):
     # Broadcast over a head axis, as the hasher calls it.
     primes = torch.tensor([p, RECIPROCAL_MIN_PRIME + 3])[:, None]
     assert torch.equal(remainder_by_reciprocal(x[None], primes), torch.remainder(x[None], primes))
+
+
+def test_a_quotient_off_by_two_is_still_corrected():
+    """The corrections cover r in [-2p, 3p): a quotient two off (an approximate reciprocal)."""
+    p = torch.tensor([[4099], [646403]])
+    r = torch.cat([torch.arange(-2, 3)[:, None] * p.T + d for d in (-1, 0, 1)], dim=0).T
+    r = r[(r >= -2 * p) & (r < 3 * p)].view(2, -1)
+    assert torch.equal(reduce_near(r, p), torch.remainder(r, p))
 
 
 def test_compiled_remainder_by_reciprocal_is_exact():

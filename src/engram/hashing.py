@@ -95,16 +95,25 @@ def remainder_by_reciprocal(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     Exact for every int64 x: the float quotient fl(fl(x) * fl(1/p)) carries three roundings of
     at most 2^-53 each, so it is off from x/p by at most 3.01 * 2^-53 * 2^63 / p = 3.01 * 2^10 / p
     <= 0.76 for p >= 2^12. Its floor is then q - 1, q or q + 1 for the true floor q, so
-    r = x - floor * p (exact in wrapping int64 arithmetic, as r is small) lies in [-p, 2p): one
-    correction each way lands it in [0, p). tests/test_hashing.py holds it to torch.remainder at
-    the int64 extremes and next to multiples of p. Eager, its seven passes over memory are slower
-    than `torch.remainder`'s one, so the hasher uses it only while compiling.
+    r = x - floor * p (exact in wrapping int64 arithmetic, as r is small) lies in [-p, 2p), and
+    one correction each way lands it in [0, p). A second correction each way (free inside the
+    fused loop) leaves room for a quotient off by two: a compiler allowed fast-math may take 1/p
+    from an approximate reciprocal a few ulps off. tests/test_hashing.py holds it to
+    torch.remainder at the int64 extremes and next to multiples of p. Eager, its passes over
+    memory are slower than `torch.remainder`'s one, so the hasher uses it only while compiling.
     """
-    q = torch.floor(x.double() * (1.0 / p.double())).long()  # x // p, or one off
-    r = x - q * p  # in [-p, 2p)
-    r = r + ((r >> 63) & p)  # r < 0: add p
-    over = r - p
-    return torch.where(over >= 0, over, r)  # in [0, p)
+    q = torch.floor(x.double() * (1.0 / p.double())).long()  # x // p, give or take two
+    return reduce_near(x - q * p, p)
+
+
+def reduce_near(r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """r mod p for int64 r in [-2p, 3p) (p > 0, broadcast): two corrections each way."""
+    for _ in range(2):
+        r = r + ((r >> 63) & p)  # r < 0: add p
+    for _ in range(2):
+        over = r - p
+        r = torch.where(over >= 0, over, r)
+    return r  # in [0, p)
 
 
 class NgramHasher:
