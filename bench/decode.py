@@ -4,10 +4,10 @@ Two measurements, both with the decoding cache (K/V, N-gram history, conv window
 
 1. Decode tokens/s at batch 1 and batch 8 after a 128-token prompt, Engram vs no Engram (the
    `demo` preset's backbone with the same experts; Engram at block 1 with the preset's table).
-   Steps of the two models are interleaved so that machine noise hits both alike. A third
-   model, the Engram one with its decode step and one-token hash under `torch.compile` (C++
-   wrapper: the least call overhead Inductor offers on a CPU), tests whether compiling closes
-   the gap that op dispatch leaves.
+   Steps of the models are interleaved so that machine noise hits all alike. A third model,
+   the Engram one with its decode step and one-token hash AOT-compiled
+   (`engram.inference.compiled`: one call of a compiled library each instead of some 70 eager
+   ops), tests how much of the gap that op dispatch leaves compiling closes.
 2. Time per decode step as the context grows from 128 to 4096 tokens, with Engram on and
    switched off on the same cached sequence: (on - off) is the Engram work of a step (hashing
    one token against the N-gram history, one row per head, projections, gate, conv over its
@@ -30,8 +30,8 @@ import torch
 from engram.assembly import get_tokenizer
 from engram.experiments.report import machine_info
 from engram.hashing import NgramHasher
+from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM, model_preset
-from engram.module import Engram
 from engram.spec import resolve
 from engram.vocab import compress
 
@@ -43,17 +43,6 @@ def build(engram: bool, tok, vocab, max_len: int) -> EngramLM:
         return EngramLM(config.with_(engram=None)).eval()
     spec = resolve(config.engram.spec, tokenizer=tok, vocab=vocab, pad_id=tok.pad_id)
     return EngramLM(config, spec, NgramHasher(spec, vocab)).eval()
-
-
-def compile_engram_step(model: EngramLM) -> EngramLM:
-    """`model` with each Engram layer's decode step and the hasher's one-token hash compiled
-    (static shapes: one graph per batch size)."""
-    for module in model.modules():
-        if isinstance(module, Engram):
-            module._step = torch.compile(module._step, dynamic=False, fullgraph=True)
-    hasher = model.hasher
-    hasher._hash_one = torch.compile(hasher._hash_one, dynamic=False, fullgraph=True)
-    return model
 
 
 @torch.inference_mode()  # as engram.inference.generate decodes
@@ -137,22 +126,23 @@ def main() -> None:
     models = {
         "with": build(True, tok, vocab, max_len),
         "without": build(False, tok, vocab, max_len),
-        "with_compiled_step": compile_engram_step(build(True, tok, vocab, max_len)),
+        # Compiled (or loaded from the cache) in decode_rate's warm-up round.
+        "with_aot": compile_decoding(build(True, tok, vocab, max_len)),
     }
 
     results: dict = {"decode": {}}
     for batch in (1, 8):
-        with torch._inductor.config.patch(cpp_wrapper=True):  # compiled in the warm-up round
-            rate = decode_rate(models, batch, 128, args.steps, args.repeats)
+        rate = decode_rate(models, batch, 128, args.steps, args.repeats)
         ratio = rate["with"] / rate["without"]
-        compiled = rate["with_compiled_step"] / rate["without"]
-        results["decode"][f"batch_{batch}"] = {**rate, "ratio": ratio, "ratio_compiled": compiled}
+        aot = rate["with_aot"] / rate["without"]
+        results["decode"][f"batch_{batch}"] = {**rate, "ratio": ratio, "ratio_aot": aot}
         print(
             f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
-            f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its step compiled: {compiled:.3f})"
+            f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f})"
         )
     results["ops_per_step"] = op_counts(models["with"])
-    print(f"ops per decode step: {results['ops_per_step']}")
+    results["ops_per_step_aot"] = op_counts(models["with_aot"])  # compiled calls are not ops
+    print(f"ops per decode step: {results['ops_per_step']}, AOT: {results['ops_per_step_aot']}")
     results["step_times"] = step_times(models["with"], contexts, 3 * args.repeats)
     print(f"\n{'context':>8}{'step ms':>10}{'off ms':>10}{'Engram ms':>11}{'share':>8}")
     for r in results["step_times"]:

@@ -39,7 +39,7 @@ else
 fi
 # The files holding CUDA-only tests (skipped without a GPU), and the keyword that picks them.
 CUDA_TESTS=(tests/test_hashing.py tests/test_module.py tests/test_tables.py tests/test_optim.py
-  tests/test_placed_tables.py tests/test_errors.py)
+  tests/test_placed_tables.py tests/test_errors.py tests/test_compiled_decoding.py)
 failed=()
 
 # Run one step (a command that carries its own `timeout`, -k: KILL where TERM is ignored),
@@ -102,11 +102,11 @@ main() {
     echo "no CUDA device here: bash bench/gpu.sh --cpu-smoke runs the same steps on a CPU"
     return 2
   fi
-  step "CUDA tests" run_tests 150
+  step "CUDA tests" run_tests 170
   step "training tokens/s, with and without Engram" timeout -k 10 180 "$PYTHON" \
     bench/gpu_train.py "${train_sizes[@]}" --device "$device" --precision bf16 --fused \
     --out "$OUT/gpu_train.json"
-  step "decode tokens/s, with and without Engram, batch 1" timeout -k 10 120 "$PYTHON" \
+  step "decode tokens/s, with and without Engram, batch 1" timeout -k 10 150 "$PYTHON" \
     bench/gpu_decode.py "${decode_sizes[@]}" --device "$device" --batch 1 \
     --out "$OUT/gpu_decode.json"
   if [ "${#failed[@]}" -gt 0 ]; then

@@ -7,7 +7,8 @@ models alternating over `--repeats` rounds after one warm-up round, each waiting
 device; medians are reported. At batch 1 a step is a chain of small kernels, so this measures
 per-step overhead more than arithmetic. Then, on one cached sequence of the Engram model,
 steps with Engram on and switched off alternate: the difference is Engram's share of a step
-(bench/decode.py does the same on a CPU for the `demo` preset over contexts).
+(bench/decode.py does the same on a CPU for the `demo` preset over contexts). A third arm is the
+Engram model with its decode steps AOT-compiled (`engram.inference.compiled`).
 
 The last line of output is one JSON record (also written to --out).
 """
@@ -15,6 +16,7 @@ The last line of output is one JSON record (also written to --out).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from gpu_models import ARMS, interleaved, model_pair, record, timed, write
 
 from engram.assembly import pick_device
+from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM
 
 
@@ -92,11 +95,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, tok.vocab_size, (args.batch, args.prompt), generator=gen)
     prompt = prompt.to(device)
+    # A third arm: the Engram model with its decode steps AOT-compiled (compiled here,
+    # before the clock, or loaded from the cache of an earlier run).
+    models["with_compiled"] = compile_decoding(copy.deepcopy(models["with"]), args.batch)
+    arms = (*ARMS, "with_compiled")
     seconds = interleaved(
-        lambda arm: decode_seconds(models[arm], prompt, args.steps), 1, args.repeats
+        lambda arm: decode_seconds(models[arm], prompt, args.steps), 1, args.repeats, arms
     )
     results: dict = {}
-    for arm in ARMS:
+    for arm in arms:
         loop = statistics.median(seconds[arm])
         results[arm] = {
             "tokens_per_s": args.batch * args.steps / loop,
@@ -105,16 +112,18 @@ def main() -> None:
             "ms_per_step_max": max(seconds[arm]) / args.steps * 1e3,
         }
     results["ratio"] = results["with"]["tokens_per_s"] / results["without"]["tokens_per_s"]
+    results["ratio_compiled"] = (
+        results["with_compiled"]["tokens_per_s"] / results["without"]["tokens_per_s"]
+    )
     results["engram_step"] = engram_share(models["with"], prompt, share_repeats)
     print(f"decode, batch {args.batch}, {args.prompt}-token prompt, {args.steps} steps:")
-    for arm in ARMS:
+    for arm in arms:
         r = results[arm]
-        print(
-            f"  {arm:<8} Engram: {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step"
-        )
+        print(f"  {arm:<13} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step")
     e = results["engram_step"]
     print(
-        f"  ratio with/without: {results['ratio']:.3f}; Engram's part of a step "
+        f"  ratio with/without: {results['ratio']:.3f} (compiled {results['ratio_compiled']:.3f});"
+        f" Engram's part of an eager step "
         f"{e['step_ms'] - e['engram_off_ms']:.3f} of {e['step_ms']:.3f} ms"
     )
     config = {

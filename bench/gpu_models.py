@@ -62,16 +62,16 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def interleaved(
-    measure: Callable[[str], float], warmup: int, repeats: int
+    measure: Callable[[str], float], warmup: int, repeats: int, arms: tuple[str, ...] = ARMS
 ) -> dict[str, list[float]]:
-    """What `measure(arm)` returns (seconds) for both arms: `warmup` untimed rounds, then
-    `repeats` rounds whose order alternates, so drift (clocks, other load) hits both arms."""
+    """What `measure(arm)` returns (seconds) for every arm: `warmup` untimed rounds, then
+    `repeats` rounds whose order alternates, so drift (clocks, other load) hits all arms."""
     for _ in range(warmup):
-        for arm in ARMS:
+        for arm in arms:
             measure(arm)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(repeats):
-        for arm in ARMS if r % 2 == 0 else tuple(reversed(ARMS)):
+        for arm in arms if r % 2 == 0 else tuple(reversed(arms)):
             times[arm].append(measure(arm))
     return times
 

@@ -241,6 +241,13 @@ def test_generate_cli(trained, tmp_path, capsys):
     )
     out = capsys.readouterr()
     assert out.out.startswith("def f(") and "tokens/s" in out.err
+    # --compile: Engram's decode steps AOT-compiled (engram.inference.compiled), same tokens.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
+        argv = ["generate", "--ckpt", str(trained), "--prompt", "def f(", "--max-new-tokens", "5"]
+        assert main([*argv, "--compile"]) == 0
+    assert capsys.readouterr().out == out.out
+    assert list((tmp_path / "cache" / "aot").glob("engram-step-*.pt2"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\n")
     argv = ["generate", "--ckpt", str(trained), "--prompts-file", str(prompts), "--top-k", "5"]

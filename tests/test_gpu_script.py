@@ -39,6 +39,7 @@ def test_cpu_smoke_writes_every_record(tmp_path):
     assert train["with"]["tokens_per_s"] > 0 and train["without"]["mfu"] is None  # a CPU
     decode = json.loads((out / "gpu_decode.json").read_text())
     assert decode["config"]["batch"] == 1 and decode["results"]["ratio"] > 0
+    assert decode["results"]["ratio_compiled"] > 0  # the AOT-compiled arm ran
     # Each benchmark's last line of output is its record.
     last = [line for line in log.splitlines() if line.startswith('{"benchmark": "gpu_decode"')]
     assert json.loads(last[-1]) == decode

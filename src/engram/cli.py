@@ -242,6 +242,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     trained = load_trained(args.ckpt, device=args.device)
     model, tok = trained.model, trained.tokenizer
+    if args.compile:  # before the clock starts: the first compile takes seconds
+        from engram.inference.compiled import compile_decoding
+
+        compile_decoding(model, batch_size=len(prompts))
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -435,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-chunk", type=int, default=0, help="0: the whole prompt at once")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="AOT-compile Engram's decode step (seconds the first time, then cached on disk)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="iso-parameter MoE/Engram allocation (paper section 3.1)")

@@ -18,6 +18,7 @@ by token (for cached decoding) gives exactly what hashing the whole sequence giv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,12 @@ def reduce_near(r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return r  # in [0, p)
 
 
+def _canonical(ids: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """lookup[ids] for ids [B, T]: index_select on the flat ids is faster than advanced
+    indexing on one thread."""
+    return lookup.index_select(0, ids.reshape(-1).long()).view(ids.shape)
+
+
 class NgramHasher:
     """Maps token ids [B, T] to row indices [B, T, H] per Engram layer, bit-exact with the demo."""
 
@@ -136,6 +143,9 @@ class NgramHasher:
         self._primes = torch.tensor(spec.primes, dtype=torch.int64)  # [L, H]
         self._reciprocal_ok = min(min(layer) for layer in spec.primes) >= RECIPROCAL_MIN_PRIME
         self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        # A drop-in for `hash_one` (same arguments and results), e.g. the compiled one that
+        # engram.inference.compiled installs; None: the eager method.
+        self.fast_hash_one: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         # Cached per device so the hasher follows its input without naming a device itself.
@@ -149,9 +159,7 @@ class NgramHasher:
     def canonicalize(self, ids: torch.Tensor) -> torch.Tensor:
         """Canonical ids x' of `ids` [B, T] (validated)."""
         check_ids(ids, self.spec.vocab_size)
-        lookup = self._constants(ids.device)[0]
-        # index_select on the flat ids is faster than advanced indexing on one thread.
-        return lookup.index_select(0, ids.reshape(-1).long()).view(ids.shape)
+        return _canonical(ids, self._constants(ids.device)[0])
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> HashState:
         """The state before any token: every past position reads as the pad id."""
@@ -197,9 +205,9 @@ class NgramHasher:
         `doc_starts` [B, T] bool marks tokens that begin a new document (no N-gram reaches back
         past them). With `spec.doc_boundaries`, the token after each EOS is such a start too.
         """
-        canon = self.canonicalize(ids)  # [B, T]
-        _, multipliers, primes = self._constants(ids.device)
-        B, T = canon.shape
+        check_ids(ids, self.spec.vocab_size)
+        lookup, multipliers, primes = self._constants(ids.device)
+        B, T = ids.shape
         if state is None:
             state = self.initial_state(B, ids.device)
         elif state.history.shape != (B, self.spec.max_order - 1):
@@ -208,7 +216,10 @@ class NgramHasher:
                 f"[{B}, {self.spec.max_order - 1}] for this batch"
             )
         if T == 1 and doc_starts is None and pads is None:
-            return self._hash_one(ids, canon, state, multipliers, primes)
+            hash_one = self.fast_hash_one or self.hash_one
+            rows, history = hash_one(ids, state.history.to(ids.device), lookup, multipliers, primes)
+            return rows, HashState(history, self.spec.canonical_pad_id)
+        canon = _canonical(ids, lookup)  # [B, T]
         starts = self._document_starts(ids, doc_starts, pads)  # [B, T] bool or None
         dist = self._distance_to_start(starts, B, T, ids.device)  # [B, T]
         ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K-1+T]
@@ -222,19 +233,25 @@ class NgramHasher:
             new_state.history = torch.where(empty, state.history.to(ids.device), new_state.history)
         return rows, new_state
 
-    def _hash_one(
+    def hash_one(
         self,
         ids: torch.Tensor,
-        canon: torch.Tensor,
-        state: HashState,
+        history: torch.Tensor,
+        lookup: torch.Tensor,
         multipliers: torch.Tensor,
         primes: torch.Tensor,
-    ) -> tuple[torch.Tensor, HashState]:
-        """A decoding step's hash (one token per row, no pads, no explicit starts): the same
-        rows as the general path in a third of the ops. The history already reads as pad past
-        a boundary, so only an EOS just seen needs handling."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoding step's hash: ids [B, 1] (validated) after `history` [B, K-1] -> rows
+        [L, B, 1, H] and the next history. One token per row, no pads, no explicit starts: the
+        same rows as the general path in a third of the ops. The history already reads as pad
+        past a boundary, so only an EOS just seen needs handling.
+
+        A pure function of its tensors (the constants come in as arguments), so that
+        `engram.inference.compiled` can export and compile it as it stands.
+        """
         K, heads = self.spec.max_order, self.spec.config.heads_per_order
-        ext = torch.cat([state.history.to(ids.device), canon], dim=1)  # [B, K], oldest first
+        canon = _canonical(ids, lookup)  # [B, 1]
+        ext = torch.cat([history, canon], dim=1)  # [B, K], oldest first
         products = ext[:, None] * multipliers.flip(1)  # [B, L, K]: column i is s_{K-1-i} m_{K-1-i}
         mix, mixes = products[..., K - 1], []
         for n in range(2, K + 1):
@@ -248,7 +265,7 @@ class NgramHasher:
         history = ext[:, 1:]  # [B, K-1]
         if self.spec.eos_id is not None:
             history = torch.where(ids == self.spec.eos_id, self.spec.canonical_pad_id, history)
-        return rows, HashState(history, self.spec.canonical_pad_id)
+        return rows, history
 
     # ---- the computation, step by step ---------------------------------------------------------
     def _document_starts(

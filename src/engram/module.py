@@ -24,7 +24,7 @@ Legend: B batch, T time, M branches, d hidden size, H heads (all orders), r row 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -306,6 +306,9 @@ class Engram(HashedMemory):
         self.conv = (
             ShortConv(d, M, config.kernel_size, dilation=spec.max_order) if config.conv else None
         )
+        # A drop-in for `_step` (same arguments and result), e.g. the compiled one that
+        # engram.inference.compiled installs; None: the eager method.
+        self.fast_step: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -322,7 +325,8 @@ class Engram(HashedMemory):
         """
         h, squeeze = self._check_inputs(hidden, rows)  # h [B, T, M, d]
         if h.shape[1] == 1 and window is not None and pads is None:
-            y = self._step(h, rows, starts, window)  # cached decoding: the same Y, fewer ops
+            step = self.fast_step or self._step  # cached decoding: the same Y, fewer ops
+            y = step(h, rows, starts, window)
             return y.squeeze(2) if squeeze else y
 
         # 1. Look up every head's row and concatenate: e [B, T, D]
