@@ -113,8 +113,8 @@ def op_counts(model: EngramLM, batch: int = 1) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
+    ap.add_argument("--repeats", type=int, default=15)  # three models: noise needs many rounds
     ap.add_argument("--contexts", default="128,512,1024,2048,4096")
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = ap.parse_args()
