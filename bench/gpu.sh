@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU numbers in ONE call of a lent GPU machine (under 8 minutes: every step has a
+# Issue 16's GPU numbers in ONE call of a lent GPU machine (at most 500 s: every step has a
 # timeout): the CUDA tests, then training and decoding tokens/s with and without Engram on the
 # `gpu` preset (bench/gpu_train.py, bench/gpu_decode.py). Everything printed goes to
 # $OUT/gpu.log; each step writes one JSON under $OUT: cuda_tests.json, gpu_train.json,
