@@ -7,6 +7,8 @@ fuses its float arithmetic, so logits may differ by rounding; ATOL is test_decod
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -33,8 +35,10 @@ def packages(tmp_path_factory):
 
 
 def _model(tok, branches: int = 2) -> EngramLM:
+    """The tiny preset with Engram at two blocks: one config, tables of different rows."""
     base = model_preset("tiny")
-    config: ModelConfig = base.with_(vocab_size=tok.vocab_size, hc_branches=branches)
+    two = replace(base.engram, spec=replace(base.engram.spec, layer_ids=(0, 2)))
+    config: ModelConfig = base.with_(vocab_size=tok.vocab_size, hc_branches=branches, engram=two)
     vocab = compress(tok)
     spec = resolve(config.engram.spec, tokenizer=tok, vocab=vocab)
     torch.manual_seed(0)
@@ -106,8 +110,26 @@ def test_packages_load_from_disk_and_follow_the_weights(tok, packages):
     assert (got - want).abs().max() < ATOL
     assert all(e.fast_step._functions[True].compiles == 0 for e in _engrams(compiled))
     assert compiled.hasher.fast_hash_one.function.compiles == 0
-    assert len(list(packages.glob("*.pt2"))) == 2  # one hash, one step: nothing left partial
+    # One hash, one step per layer (their tables differ in rows); nothing left partial.
+    assert len(list(packages.glob("*.pt2"))) == 3
     assert not [p for p in packages.iterdir() if p.is_dir()]
+
+
+@torch.inference_mode()
+def test_each_layer_reads_its_own_table_to_the_last_row(tok, packages):
+    """Layers of one config share code but not table sizes: each reads the last row of every
+    head of its own table (a package compiled for a smaller table would refuse the index)."""
+    model = compile_decoding(_model(tok), directory=packages)
+    M, d = model.config.hc_branches, model.config.d_model
+    for e in sorted(_engrams(model), key=lambda e: e.table.weight.shape[0]):
+        last = torch.tensor(e.spec.layer_primes(e.layer_id)) - 1  # [H]
+        rows = last.expand(B, 1, -1).contiguous()
+        h = torch.randn(B, 1, M, d, generator=torch.Generator().manual_seed(e.layer_id))
+        windows = [torch.zeros(B, e.conv.receptive, M, d) for _ in range(2)]
+        starts = torch.zeros(B, 1, dtype=torch.bool)
+        got = e.fast_step(h, rows, starts, windows[0])
+        want = e._step(h, rows, starts, windows[1])
+        assert (got - want).abs().max() < ATOL
 
 
 def test_training_and_row_sources_stay_eager(tok, packages):

@@ -184,7 +184,8 @@ class CompiledStep:
             return module._step(h, rows, starts, window)
         state = self._state()
         inputs = [h, rows, window] if starts is None else [h, rows, window, starts]
-        layout = (tuple(t.dtype for t in state), _layout(inputs))
+        # The state's shapes too: layers of one config differ in their table's rows.
+        layout = (_layout(state), _layout(inputs))
         (y,) = self._functions[starts is not None](layout, [*state, *inputs])
         return y
 
