@@ -273,6 +273,13 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(
     # A finished run is read back whatever its checkpoint cadence; another config retrains.
     assert train_arm(replace(config, ckpt_every=0))["val_loss"] == whole["val_loss"]
     assert "reusing the finished run" in capsys.readouterr().out
+    # A study folder moved elsewhere holds the same runs: read back, not retrained (and so
+    # not deleted).
+    (tmp_path / "cut").rename(tmp_path / "moved")
+    moved = train_arm(replace(config, out_dir=str(tmp_path / "moved")))
+    assert moved["val_loss"] == whole["val_loss"]
+    assert "reusing the finished run" in capsys.readouterr().out
+    (tmp_path / "moved").rename(tmp_path / "cut")
     (tmp_path / "cut" / "summary.json").unlink()
     train_arm(replace(config, seed=1))  # an unfinished run of another config: trained afresh
     assert "resuming" not in capsys.readouterr().out

@@ -40,7 +40,10 @@ from engram.train import train
 SUMMARY = "summary.json"
 ARM = "arm.json"  # the config an arm was started with: an unfinished run of it may resume
 # TrainConfig fields that change neither a run's numbers nor where it writes them.
-NOT_RESULTS = ("ckpt_every", "progress")
+# Fields that do not change what a run computes, so reuse and resume ignore them. out_dir
+# among them: a study's folder moved or linked elsewhere is still the same runs (comparing it
+# once made a rerun through a linked folder retrain, and so delete, a finished arm).
+NOT_RESULTS = ("ckpt_every", "progress", "out_dir")
 
 # The CPU-scale runs committed under `results/`: 16 x 256 tokens per step, 131,072 validation
 # tokens. eval_every 0: each arm evaluates only at its end (see `arm_config`).
