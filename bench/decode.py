@@ -7,7 +7,10 @@ Two measurements, both with the decoding cache (K/V, N-gram history, conv window
    Steps of the models are interleaved so that machine noise hits all alike. A third model,
    the Engram one with its decode step and one-token hash AOT-compiled
    (`engram.inference.compiled`: one call of a compiled library each instead of some 70 eager
-   ops), tests how much of the gap that op dispatch leaves compiling closes.
+   ops), tests how much of the gap that op dispatch leaves compiling closes. A fourth, the
+   compiled model with every Python layer between the model and the compiled code stripped
+   (bare calls of the compiled libraries: no id validation, no layout keys, no checks; unsafe,
+   here only), is the floor that any wrapper could reach.
 2. Time per decode step as the context grows from 128 to 4096 tokens, with Engram on and
    switched off on the same cached sequence: (on - off) is the Engram work of a step (hashing
    one token against the N-gram history, one row per head, projections, gate, conv over its
@@ -29,7 +32,7 @@ import torch
 
 from engram.assembly import get_tokenizer
 from engram.experiments.report import machine_info
-from engram.hashing import NgramHasher
+from engram.hashing import HashState, NgramHasher
 from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM, model_preset
 from engram.spec import resolve
@@ -43,6 +46,58 @@ def build(engram: bool, tok, vocab, max_len: int) -> EngramLM:
         return EngramLM(config.with_(engram=None)).eval()
     spec = resolve(config.engram.spec, tokenizer=tok, vocab=vocab, pad_id=tok.pad_id)
     return EngramLM(config, spec, NgramHasher(spec, vocab)).eval()
+
+
+def strip_wrappers(model: EngramLM) -> EngramLM:
+    """The compiled model with its hasher's decode step and every Engram layer's replaced by
+    bare calls of the compiled libraries: what is left is the compiled code itself, the
+    model's own bookkeeping and the cost of crossing into Python at all."""
+    hasher, direct = model.hasher, {}  # batch size -> (hash runner, {layer: step runner})
+    pad, layers = hasher.spec.canonical_pad_id, hasher.spec.layer_ids
+    constants = list(hasher._constants(torch.device("cpu")))
+    general_step, engrams = hasher.step, {b.layer: b.engram for b in model.blocks if b.engram}
+    general_forward = {layer: e.forward for layer, e in engrams.items()}
+
+    def runners(B: int) -> tuple:
+        if B not in direct:  # the first step of this batch size compiles, the safe way
+
+            def only(fn, batch_of):  # the one runner compiled for this batch size
+                (run,) = [r for key, r in fn._runners.items() if batch_of(key) == B]
+                return run
+
+            direct[B] = (  # keys: the ids' layout first; the step's inputs', h first
+                only(hasher.fast_hash_one.function, lambda key: key[0][0][0]),
+                {
+                    layer: only(e.fast_step._functions[True], lambda key: key[1][0][0][0])
+                    for layer, e in engrams.items()
+                },
+            )
+        return direct[B]
+
+    def step(ids, state, doc_starts=None, pads=None):
+        if ids.shape[1] != 1 or ids.shape[0] not in direct:
+            return general_step(ids, state, doc_starts, pads)
+        rows, history = runners(ids.shape[0])[0]([ids, state.history, *constants])
+        return dict(zip(layers, rows.unbind(0), strict=True)), HashState(history, pad)
+
+    def forward_of(layer: int, engram):
+        state = engram.fast_step._state()
+
+        def forward(hidden, rows, starts=None, pads=None, window=None):
+            B = hidden.shape[0]
+            if hidden.shape[1] != 1 or window is None or pads is not None or B not in direct:
+                y = general_forward[layer](hidden, rows, starts, pads, window)
+                if hidden.shape[1] == 1 and window is not None and pads is None:
+                    runners(B)  # compiled by now: go direct from the next step on
+                return y
+            return runners(B)[1][layer]([*state, hidden, rows, window, starts])[0]
+
+        return forward
+
+    for layer, engram in engrams.items():
+        engram.forward = forward_of(layer, engram)
+    hasher.step = step
+    return model
 
 
 @torch.inference_mode()  # as engram.inference.generate decodes
@@ -128,6 +183,7 @@ def main() -> None:
         "without": build(False, tok, vocab, max_len),
         # Compiled (or loaded from the cache) in decode_rate's warm-up round.
         "with_aot": compile_decoding(build(True, tok, vocab, max_len)),
+        "with_floor": strip_wrappers(compile_decoding(build(True, tok, vocab, max_len))),
     }
 
     results: dict = {"decode": {}}
@@ -135,10 +191,17 @@ def main() -> None:
         rate = decode_rate(models, batch, 128, args.steps, args.repeats)
         ratio = rate["with"] / rate["without"]
         aot = rate["with_aot"] / rate["without"]
-        results["decode"][f"batch_{batch}"] = {**rate, "ratio": ratio, "ratio_aot": aot}
+        floor = rate["with_floor"] / rate["without"]
+        results["decode"][f"batch_{batch}"] = {
+            **rate,
+            "ratio": ratio,
+            "ratio_aot": aot,
+            "ratio_floor": floor,
+        }
         print(
             f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
-            f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f})"
+            f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f}; "
+            f"bare compiled calls, the floor: {floor:.3f})"
         )
     results["ops_per_step"] = op_counts(models["with"])
     results["ops_per_step_aot"] = op_counts(models["with_aot"])  # compiled calls are not ops

@@ -136,7 +136,9 @@ def generate(
         if bool(done.all()) or steps == cfg.max_new_tokens:
             break  # no forward for a token nobody will read
         token = torch.where(done, pad_id, token)
-        last = model(token[:, None], cache=cache, attention_mask=~done[:, None])[:, -1]
+        # Until a row finishes there is no padding: the plain step, without the mask's work.
+        step_mask = ~done[:, None] if bool(done.any()) else None
+        last = model(token[:, None], cache=cache, attention_mask=step_mask)[:, -1]
     decode_s = time.perf_counter() - start
     return Generation(
         out, int(mask.sum()), prefill_s, decode_s, steps, [bool(d) for d in done.tolist()]

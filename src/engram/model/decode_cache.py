@@ -80,6 +80,11 @@ class DecodeCache:
         T = chunk.real.shape[1]
         self.valid[:, self.length : self.length + T] = chunk.real
         self.length += T
+        if chunk.pads is None:  # every row advances by T: no count to take (a decode step)
+            self.positions += T
+            if eos_id is not None:
+                self.last_eos = ids[:, -1] == eos_id
+            return
         counts = chunk.real.sum(dim=1)
         self.positions += counts
         if eos_id is not None:
@@ -167,7 +172,10 @@ def cached_chunk(
         )
     ids, real, order, pads = pads_first(ids, attention_mask)
     positions = cache.positions[:, None] + (real.cumsum(dim=1) - 1).clamp_min(0)  # [B, T]
-    starts = document_starts(ids, eos_id, real, cache.last_eos)
+    if pads is None and T == 1 and eos_id is not None:
+        starts = cache.last_eos[:, None]  # a decode step: its token follows the cache's last
+    else:
+        starts = document_starts(ids, eos_id, real, cache.last_eos)
     return ids, Chunk(pads, order, real, starts, positions, _attention_mask(real, cache))
 
 
