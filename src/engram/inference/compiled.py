@@ -170,7 +170,7 @@ class CompiledStep:
             )
             for has_starts in (False, True)
         }
-        self._tree: list[tuple[dict, str, nn.Module | None]] = [({}, "", module)]  # stale
+        self._tree: list[tuple[dict, str, nn.Module | None]] | None = None  # None: not read yet
         self._slots: list[tuple[dict, str]] = []
 
     def __call__(
@@ -193,7 +193,8 @@ class CompiledStep:
     def _state(self) -> list[torch.Tensor]:
         """The module's parameters and buffers, read afresh on every call: a weight assigned
         or loaded later, or a table swapped by `use_table`, is what the next step uses."""
-        if not all(children.get(name) is child for children, name, child in self._tree):
+        tree = self._tree
+        if tree is None or not all(children.get(name) is child for children, name, child in tree):
             self._tree = _tree(self.module)
             self._slots = [(owner, key) for _, owner, key in _tensor_slots(self.module)]
         return [owner[key] for owner, key in self._slots]
