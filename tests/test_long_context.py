@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,9 +60,17 @@ def test_needles_are_distinct_and_formatted():
         assert n.key.startswith("KEY_") and len(n.value) == 4 and n.value.isdigit()
         assert n.value not in n.key
         assert n.assignment() == f'{n.key} = "{n.value}"\n'
-        assert n.query() == f'assert {n.key} == "'
+        assert n.query() == f'{n.key} == "'
     with pytest.raises(ValueError, match=r"needles=0"):
         draw_needles(random.Random(0), 0)
+
+
+def test_a_key_is_the_same_tokens_in_its_needle_and_in_its_query(tok):
+    # What a small model can learn to match: one spelling of the key, not two.
+    for n in draw_needles(random.Random(1), 20):
+        key = tok.encode(n.key)
+        for line in (n.assignment(), n.query()):
+            assert tok.encode("x\n" + line)[-len(tok.encode(line)) :][: len(key)] == key
 
 
 def test_probes_have_the_length_and_depth_asked_for(probes):
@@ -90,7 +99,7 @@ def test_each_value_appears_once_and_each_query_is_well_formed(probes, tok):
             value = tok.decode(p.ids[s:e])
             assert len(value) == 4 and value.isdigit()
             before = tok.decode(p.ids[:s])
-            key = before.rsplit("assert ", 1)[1]
+            key = before.rsplit("\n", 1)[1]  # the query's line, up to its value
             assert key.startswith("KEY_") and key.endswith(' == "'), key
             key = key[: -len(' == "')]
             assert tok.decode(p.ids[e : e + 1]).startswith('"')
@@ -164,14 +173,15 @@ def test_training_corpus_mixes_needles_into_the_text(tmp_path, texts, tok):
     stats = write_training_corpus(path, tok, texts, mix, max_tokens=60_000, seed=0)
     records = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     assert len(records) == stats["documents"] and 60_000 <= stats["tokens"] < 120_000
-    with_needles = [r for r in records if "assert KEY_" in r]
+    query_line = re.compile(r'^KEY_\d{4} == "\d{4}"$', re.MULTILINE)
+    with_needles = [r for r in records if query_line.search(r)]
     assert len(with_needles) == stats["needle_documents"] > 0
     assert 0.3 < stats["needle_tokens"] / stats["tokens"] < 0.8
     for text in with_needles:
-        queries = [line for line in text.splitlines() if line.startswith("assert KEY_")]
+        queries = query_line.findall(text)
         assert len(queries) == 2 and text.endswith('"\n')
         for q in queries:
-            key, value = q[len("assert ") :].split(' == "')
+            key, value = q.split(' == "')
             assert f'{key} = "{value[:-1]}"\n' in text  # each query answers a needle above it
     path2 = tmp_path / "again.jsonl"
     write_training_corpus(path2, tok, texts, mix, max_tokens=60_000, seed=0)

@@ -72,7 +72,7 @@ ARMS = ("moe", "engram", "dense")
 PAIRS = (("engram", "moe"), ("engram", "dense"), ("moe", "dense"))  # a - b, each compared
 PROBE_SEED = 0  # the probe's contexts: the same for every arm, seed and run of the study
 FILLER_LINES = 200_000  # validation lines the probe's haystacks are drawn from, at most
-CORPUS_VERSION = 1  # bump when the training corpus's generation changes: old corpora are stale
+CORPUS_VERSION = 2  # bump when the training corpus's generation changes: old corpora are stale
 EVAL_BATCH = 8  # contexts per forward when scoring
 
 # 300 x 16 x 512 = 2.5M tokens per arm: the stdlib's training split (3.5M) once, no repeats.

@@ -1,12 +1,17 @@
 """Key-value needles in corpus text: the long-context study's contexts and its exact scoring.
 
 A needle is a Python assignment `KEY_4821 = "7392"`; its query, at the end of the context,
-is `assert KEY_4821 == "` and the answer is the value's tokens `7392`. Several needles sit in
-one block at a chosen depth (the fraction of the haystack, i.e. the corpus text, before the
-block), and every needle is queried, in a shuffled order: the multi-query
-needle-in-a-haystack of RULER (arXiv 2404.06654), which the Engram paper reports at 32k
-tokens, written in the corpus's own language (Python source) so that a small BPE tokenises it
-like any code.
+is the comparison `KEY_4821 == "` and the answer is the value's tokens `7392`. Both lines start
+with the key, so that it is the same tokens in both: after `assert ` a byte-level BPE spells
+`KEY` as ` K`, `E`, `Y`, and a small model would first have to learn that two spellings name
+one key (no arm of the study's first design, which asked `assert KEY_4821 == "`, retrieved a
+single value after 2.5M tokens).
+
+Several needles sit in one block at a chosen depth (the fraction of the haystack, i.e. the
+corpus text, before the block), and every needle is queried, in a shuffled order: the
+multi-query needle-in-a-haystack of RULER (arXiv 2404.06654), which the Engram paper reports
+at 32k tokens, written in the corpus's own language (Python source) so that a small BPE
+tokenises it like any code.
 
 Contexts are whole texts tokenised at once, as the trainer tokenises its documents, then cut
 from the front to exactly `length` tokens (training windows start mid-document too). Where the
@@ -52,7 +57,7 @@ class Needle:
 
     def query(self) -> str:
         """The query's text up to its answer (the value, then '"\\n', follow it)."""
-        return f'assert {self.key} == "'
+        return f'{self.key} == "'
 
 
 def draw_needles(rng: random.Random, count: int) -> list[Needle]:
