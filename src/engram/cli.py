@@ -347,7 +347,7 @@ def _run_study(args: argparse.Namespace) -> None:
     args.run_study(args)
 
 
-def _add_studies(sub) -> None:
+def _add_studies(sub: argparse._SubParsersAction) -> None:
     import importlib
 
     study = sub.add_parser("study", help="the paper's experiments, each writing a report")
@@ -362,7 +362,17 @@ def _add_studies(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_spec_commands(sub)
+    _add_run_commands(sub)
+    _add_generate(sub)
+    _add_plan(sub)
+    _add_studies(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_spec_commands(sub: argparse._SubParsersAction) -> None:
+    """vocab, spec, hash: the tokenizer's compression and the hash specs."""
     p = sub.add_parser("vocab", help="tokenizer compression: sizes, reduction, largest groups")
     p.add_argument("--tokenizer", default="deepseek", help="'deepseek', a path, or a HF name")
     p.add_argument("--top", type=int, default=10, help="how many merge groups to list")
@@ -390,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--ids", help="comma-separated token ids")
             src.add_argument("--text", help="text to tokenize with the spec's tokenizer")
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """train, eval, quantize, export: a run and its checkpoints."""
     p = sub.add_parser("train", help="train a model from a recipe and key=value overrides")
     p.add_argument("--recipe", help="a TOML recipe (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir exactly")
@@ -428,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="with the trained backbone and tokenizer")
     p.set_defaults(func=cmd_export)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue prompts with a trained model (cached decoding)")
     p.add_argument("--ckpt", required=True, help="a run folder or a checkpoint folder")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
@@ -446,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="iso-parameter MoE/Engram allocation (paper section 3.1)")
     p.add_argument("--preset", default="demo", help="model preset giving the backbone")
     p.add_argument("--rho", type=float, default=0.8, help="share of P_sparse in routed experts")
@@ -455,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. vocab_size=8192")
     p.set_defaults(func=cmd_plan)
 
-    _add_studies(sub)
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="MoE vs iso-parameter Engram vs dense, trained side by side")
     p.add_argument("--quick", action="store_true", help="a short run (under 3 minutes)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
@@ -476,7 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a TrainConfig field for every arm (repeatable), e.g. --set optim.lr=1e-3",
     )
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _error_line(text: str) -> None:
