@@ -4,7 +4,7 @@ The paper reports multi-query needle-in-a-haystack (RULER) at 32k tokens rising 
 (MoE-27B) to 97.0 (Engram-27B): with local N-gram patterns looked up, attention is freer for
 global context. This study asks the same question at the lengths a CPU model trains at. Key-value
 needles (`KEY_4821 = "7392"`, see `needles`) sit in a block at a chosen depth of real corpus
-text, every needle is queried at the end (`assert KEY_4821 == "`), and a query counts only when
+text, every needle is queried at the end (`KEY_4821 == "`), and a query counts only when
 every value token is the model's top-1 (teacher-forced: exactly whether greedy decoding would
 emit the value). Accuracy is reported by context length and depth, as a heat map.
 
