@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from small_runs import small_config
 
 from engram.checkpoint import find_checkpoint, read_manifest
-from engram.cli import main, train_config
+from engram.cli import build_parser, main, train_config
 from engram.config import TrainConfig, load_recipe
 from engram.data.sources import source_fingerprint
 from engram.experiments.arms import study_from_recipe
@@ -127,6 +127,8 @@ def test_every_shipped_recipe_parses():
             cfg = study_from_recipe(recipe, module.QUICK, study)
             cfg.validate()
             cfg.base_model()  # a `baseline` report must exist and be for the recipe's preset
+            # ...and the command its comment names takes it
+            build_parser().parse_args(["study", study, "--recipe", str(recipe)])
             continue
         cfg = train_config(str(recipe), [])
         cfg.validate()

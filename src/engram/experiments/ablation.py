@@ -28,6 +28,8 @@ from engram.config import TrainConfig
 from engram.experiments.arms import (
     STUDY_TRAIN,
     Study,
+    add_baseline_argument,
+    add_recipe_argument,
     add_set_argument,
     study_from_args,
     tokens_per_arm,
@@ -199,6 +201,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="training steps per arm (default 150)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/ablation[-quick])")
+    add_recipe_argument(p)  # e.g. recipes/ablation-cpu.toml: three seeds at 4.9M tokens
+    add_baseline_argument(p)
     add_set_argument(p)
 
 
