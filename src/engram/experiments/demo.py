@@ -119,8 +119,7 @@ def _baseline_line(report: dict) -> str:
     )
 
 
-def _markdown(report: dict, plan_text: str) -> str:
-    arms, seeds = report["arms"], report["config"]["seeds"]
+def _arms_table(arms: dict) -> str:
     rows = [
         [
             name,
@@ -136,7 +135,7 @@ def _markdown(report: dict, plan_text: str) -> str:
         ]
         for name, a in arms.items()
     ]
-    table = markdown_table(
+    return markdown_table(
         [
             "arm",
             "P_tot",
@@ -151,6 +150,11 @@ def _markdown(report: dict, plan_text: str) -> str:
         ],
         rows,
     )
+
+
+def _markdown(report: dict, plan_text: str) -> str:
+    arms, seeds = report["arms"], report["config"]["seeds"]
+    table = _arms_table(arms)
     gap = arms["moe"]["val_loss"] - arms["engram"]["val_loss"]
     noise = max(arms["moe"]["val_loss_spread"], arms["engram"]["val_loss_spread"])
     verdict = (
