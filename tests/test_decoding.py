@@ -183,6 +183,21 @@ def test_cache_errors(tok):
         model(_ids(tok, 3, 2), cache=cache)
     with pytest.raises(ValueError, match="attention_mask"):
         model(_ids(tok, 2, 2), cache=cache, attention_mask=torch.ones(2, 3, dtype=torch.bool))
+    # Decoding past the rotary table: caught once per forward, whatever the chunk.
+    limit = model.config.max_seq_len
+    for before, chunk in ((limit, 1), (limit - 1, 2)):  # a decode step; a chunk across it
+        cache = model.new_cache(1, limit + 2)
+        model(_ids(tok, 1, before), cache=cache)  # positions below the limit: fine
+        with pytest.raises(ValueError, match=f"position {limit} exceeds max_seq_len={limit}"):
+            model(_ids(tok, 1, chunk), cache=cache)
+    # Padding takes slots, not positions: a padded row may use more slots than the table.
+    cache = model.new_cache(2, limit + 1)
+    mask = torch.ones(2, limit + 1, dtype=torch.bool)
+    mask[0, :2] = False  # row 0: two pads, so its last position is limit - 2
+    with pytest.raises(ValueError, match=f"position {limit} exceeds"):
+        model(_ids(tok, 2, limit + 1), cache=cache, attention_mask=mask)
+    mask[1, :1] = False  # both rows padded: every position below the limit
+    model(_ids(tok, 2, limit + 1), cache=model.new_cache(2, limit + 1), attention_mask=mask)
 
 
 @torch.no_grad()

@@ -154,9 +154,16 @@ def pads_first(
 
 
 def cached_chunk(
-    ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: DecodeCache, eos_id: int | None
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: DecodeCache,
+    eos_id: int | None,
+    max_positions: int,
 ) -> tuple[torch.Tensor, Chunk]:
-    """Reorder `ids` pads-first and describe the chunk against `cache`; returns (ids, chunk)."""
+    """Reorder `ids` pads-first and describe the chunk against `cache`; returns (ids, chunk).
+
+    ValueError when a rotary position would reach `max_positions` (the model's max_seq_len):
+    checked here once per forward, not by every layer's rotary."""
     B, T = ids.shape
     if cache.batch_size != B:
         raise ValueError(f"the cache holds {cache.batch_size} sequences, the chunk has {B}")
@@ -172,6 +179,13 @@ def cached_chunk(
         )
     ids, real, order, pads = pads_first(ids, attention_mask)
     positions = cache.positions[:, None] + (real.cumsum(dim=1) - 1).clamp_min(0)  # [B, T]
+    # A row's positions count its real tokens, so they stay below the slots used: only past
+    # that bound do they need reading (a host sync).
+    if cache.length + T > max_positions and int(positions.max()) >= max_positions:
+        raise ValueError(
+            f"position {int(positions.max())} exceeds max_seq_len={max_positions}: the cache "
+            "holds longer sequences than the model's rotary table"
+        )
     if pads is None and T == 1 and eos_id is not None:
         starts = cache.last_eos[:, None]  # a decode step: its token follows the cache's last
     else:

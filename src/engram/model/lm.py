@@ -199,7 +199,9 @@ class EngramLM(nn.Module):
         else:
             if rows is not None:
                 raise ValueError("with a cache, pass rows=None: the cache holds the N-gram history")
-            ids, chunk = cached_chunk(ids, attention_mask, cache, eos_id)  # pads first
+            ids, chunk = cached_chunk(  # pads first
+                ids, attention_mask, cache, eos_id, self.config.max_seq_len
+            )
             if not engram_off:
                 rows = self._hash_cached(ids, chunk, cache)
         if rows is None and not engram_off:
