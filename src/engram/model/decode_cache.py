@@ -112,11 +112,14 @@ class Chunk:
 
 
 def document_starts(ids: torch.Tensor, eos_id: int | None, real=None, last_eos=None):
-    """[B, T] bool: tokens whose predecessor (the previous real token) is an EOS; or None."""
+    """[B, T] bool: tokens whose predecessor (the previous real token) is an EOS; or None.
+
+    `real` [B, T] marks the real tokens, pads first (None: every token is real); `last_eos` [B]
+    says whether each row's last cached real token was an EOS (None: no cache)."""
     if eos_id is None:
         return None
-    if ids.shape[1] == 1 and real is not None and last_eos is not None:
-        return real & last_eos[:, None]  # a decode step: its one token follows the cache
+    if ids.shape[1] == 1 and last_eos is not None:  # a decode step: its token follows the cache
+        return last_eos[:, None] if real is None else real & last_eos[:, None]
     starts = torch.zeros_like(ids, dtype=torch.bool)
     prev_eos = ids[:, :-1] == eos_id
     if real is not None:
@@ -124,8 +127,11 @@ def document_starts(ids: torch.Tensor, eos_id: int | None, real=None, last_eos=N
     starts[:, 1:] = prev_eos
     if last_eos is not None:
         # The first real token follows the cache's last real token (pads come first).
-        first = real & ~torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
-        starts |= first & last_eos[:, None]
+        if real is None:
+            starts[:, 0] |= last_eos
+        else:
+            first = real & ~torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
+            starts |= first & last_eos[:, None]
     return starts
 
 
@@ -186,10 +192,8 @@ def cached_chunk(
             f"position {int(positions.max())} exceeds max_seq_len={max_positions}: the cache "
             "holds longer sequences than the model's rotary table"
         )
-    if pads is None and T == 1 and eos_id is not None:
-        starts = cache.last_eos[:, None]  # a decode step: its token follows the cache's last
-    else:
-        starts = document_starts(ids, eos_id, real, cache.last_eos)
+    # Without padding every token is real: no mask to combine the document starts with.
+    starts = document_starts(ids, eos_id, None if pads is None else real, cache.last_eos)
     return ids, Chunk(pads, order, real, starts, positions, _attention_mask(real, cache))
 
 
