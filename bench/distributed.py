@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,13 +51,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_check import free_port, one_rank_check
 
 from engram.data.sources import read_texts, stdlib_files, stdlib_root
 from engram.experiments.report import cpu_seconds, machine_info, other_cpu_share
 from engram.hashing import NgramHasher
 from engram.module import HashedMemory, lazy_tables
 from engram.spec import HashSpec, SpecConfig, resolve
-from engram.tables.base import ALL
 from engram.tables.lookup import global_ids
 from engram.tables.placed import PlacedTables
 from engram.tables.plan import TablePlan
@@ -71,6 +70,7 @@ ROW_DIM = 16
 ID_BYTES = 8  # int64 ids and counts
 LR = 1e-3
 PARTS = ("bytes", "throughput", "cuda")
+WARM = 2  # untimed steps of the cuda part
 
 
 def log(message: str) -> None:
@@ -191,12 +191,6 @@ def _bytes_worker(rank: int, world: int, port: int, folder: Path, tables: list, 
         for _, tables_n in placed.values():
             tables_n.close()
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bytes_part(args: argparse.Namespace, tok, vocab, work: Path) -> dict:
@@ -419,104 +413,16 @@ def cuda_part(args: argparse.Namespace, tok, vocab, work: Path) -> dict:
     device = torch.device("cuda", torch.cuda.current_device())
     try:
         torch.cuda.set_device(device)
-        return {"status": "ran", **one_rank_check(args, tok, vocab, work, device)}
+        B, T, steps = args.cuda_batch, args.cuda_seq, args.cuda_steps
+        ids = stdlib_tokens(tok, (WARM + steps) * B * T).view(WARM + steps, B, T)
+        spec = table_spec(tok, vocab, args.cuda_rows)
+        rows = NgramHasher(spec, vocab)(ids.view(-1, T))[0].view(WARM + steps, B, T, -1)
+        log(f"cuda: table of {spec.layer_rows(0):,} rows, {WARM} + {steps} steps of {B} x {T}")
+        init = f"tcp://127.0.0.1:{free_port()}"
+        return {"status": "ran", **one_rank_check(spec, rows, work, device, init, warm=WARM, lr=LR)}
     except Exception as e:  # a report, not a crash: the other parts' numbers still count
         traceback.print_exc(file=sys.stderr)
         return {"status": f"failed: {type(e).__name__}: {e}"}
-
-
-def one_rank_check(
-    args: argparse.Namespace,
-    tok,
-    vocab,
-    work: Path,
-    device: torch.device,
-    backend: str = "cpu:gloo,cuda:nccl",
-) -> dict:
-    """A sharded table of one rank against the same table unsharded, on `device`: equal outputs
-    and rows after every step, and each one's step time. (On the CPU with gloo it checks this
-    code itself.)"""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    B, T, steps, warm = args.cuda_batch, args.cuda_seq, args.cuda_steps, 2
-    ids = stdlib_tokens(tok, (warm + steps) * B * T).view(warm + steps, B, T)
-    spec = table_spec(tok, vocab, args.cuda_rows)
-    rows = NgramHasher(spec, vocab)(ids.view(-1, T))[0].view(warm + steps, B, T, -1)
-    log(f"cuda: table of {spec.layer_rows(0):,} rows, {warm} + {steps} steps of {B} x {T}")
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://127.0.0.1:{free_port()}",
-        rank=0,
-        world_size=1,
-        timeout=timedelta(seconds=120),
-    )
-    arms: dict[str, tuple[HashedMemory, PlacedTables]] = {}
-    try:
-        # The same row store and optimiser on both sides (a device table with Adam would stay
-        # an nn.Embedding unsharded): only the lookup differs.
-        plan = TablePlan(placement="device", optimizer="adagrad")
-        for arm in ("unsharded", "sharded"):
-            torch.manual_seed(0)
-            with lazy_tables():
-                memory = HashedMemory(spec, 0, 1.0)
-            sharding = ShardGroup(0, 1, dist.group.WORLD) if arm == "sharded" else None
-            tables = PlacedTables([memory], plan, work / arm, device, sharding=sharding)
-            memory.to(device)  # its offsets; the table (meta until placed) is the store's now
-            arms[arm] = (memory, tables)
-        times: dict[str, list[float]] = {arm: [] for arm in arms}
-        equal_out, max_diff = True, 0.0
-        TRAFFIC.reset()
-        for step in range(warm + steps):
-            batch = rows[step].to(device)
-            outs = {}
-            for arm in list(arms) if step % 2 == 0 else list(reversed(arms)):
-                memory, tables = arms[arm]
-                sync()
-                t0 = time.perf_counter()
-                out = memory.lookup(batch)
-                out.square().mean().backward()
-                tables.step(LR)
-                sync()
-                if step >= warm:
-                    times[arm].append(time.perf_counter() - t0)
-                outs[arm] = out.detach()
-            equal_out &= torch.equal(outs["sharded"], outs["unsharded"])
-            max_diff = max(max_diff, (outs["sharded"] - outs["unsharded"]).abs().max().item())
-        offsets = torch.tensor(spec.layer_offsets(0), dtype=torch.int64)
-        touched = torch.unique(global_ids(rows, offsets))
-        stores = {arm: t.tables["layer0"].store for arm, (_, t) in arms.items()}
-        after = {arm: s.read(touched.to(s.device), ALL).cpu() for arm, s in stores.items()}
-        ms = {arm: statistics.median(t) * 1e3 for arm, t in times.items()}
-        return {
-            "config": {
-                "backend": backend,
-                "world": 1,
-                "device": str(device),
-                "rows": spec.layer_rows(0),
-                "batch": B,
-                "seq": T,
-                "warmup_steps": warm,
-                "steps": steps,
-                "placement": "device",
-                "optimizer": "row-wise adagrad",
-                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            },
-            "outputs_equal": equal_out,
-            "outputs_max_abs_diff": max_diff,
-            "rows_and_state_equal_after": torch.equal(after["sharded"], after["unsharded"]),
-            "rows_max_abs_diff_after": (after["sharded"] - after["unsharded"]).abs().max().item(),
-            "touched_rows": int(touched.numel()),
-            "exchanged_bytes": TRAFFIC.sent + TRAFFIC.received,  # one rank: nothing leaves it
-            "step_ms_median": ms,
-            "ratio_sharded_vs_unsharded_time": ms["sharded"] / ms["unsharded"],
-        }
-    finally:
-        for _, tables in arms.values():
-            tables.close()
-        dist.destroy_process_group()
 
 
 # ---- the run -----------------------------------------------------------------------------------

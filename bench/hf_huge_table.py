@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from system_probes import allocated
 
 from engram.experiments.report import machine_info, write_json
 from engram.inference import SamplingConfig, generate
@@ -76,14 +77,6 @@ def train(run: Path, base: Path, env: dict, overrides: list[str], resume: bool =
     done, peak = peak_rss(cmd, env)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     return {"summary": summary, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak}
-
-
-def allocated(path: Path) -> dict[str, int]:
-    files = [p for p in path.rglob("*") if p.is_file()]
-    return {
-        "logical_bytes": sum(p.stat().st_size for p in files),
-        "allocated_bytes": sum(p.stat().st_blocks * 512 for p in files),
-    }
 
 
 def generation_is_exact(run: Path) -> dict[str, Any]:

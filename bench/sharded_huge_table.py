@@ -45,6 +45,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from system_probes import read_kv
+
 from engram.experiments.report import machine_info, write_json
 from engram.model import model_preset
 from engram.spec import derive_primes
@@ -84,21 +86,6 @@ def config_args(args: argparse.Namespace, out_dir: Path) -> tuple[list[str], dic
 
 
 # ---- one launch, watched ------------------------------------------------------------------------
-def read_kv(path: str) -> dict[str, int]:
-    """`Key: value kB` lines of a /proc file, in bytes (empty if the process is gone)."""
-    out = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
-    except OSError:
-        pass
-    return out
-
-
 def children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(p) for p in found.stdout.split()]
