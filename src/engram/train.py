@@ -433,14 +433,7 @@ def train(
             losses.append(run.train_step(run.transform(batch)))
             run.tables.release(pins)
             tps = (run.tokens_seen - start_tokens) / max(1e-9, time.perf_counter() - start)
-            if run.step % c.log_every == 0 or run.step == c.steps:
-                bar.set_postfix(loss=f"{run.log_train(losses, tps):.3f}", tok_s=f"{tps:,.0f}")
-                losses = []
-            if run.step % c.eval_every == 0 and run.step < c.steps:
-                bar.set_postfix(val=f"{run.validate_now():.3f}", tok_s=f"{tps:,.0f}")
-            if c.ckpt_every and run.step % c.ckpt_every == 0 and run.step < c.steps:
-                run.save()
-            bar.update(1)
+            losses = _log_eval_save(run, bar, losses, tps)
         elapsed = time.perf_counter() - start
         done = run.curve and run.curve[-1][0] == run.tokens_seen
         val = run.curve[-1][1] if done else run.validate_now()
@@ -470,6 +463,21 @@ def train(
         "rank": run.world.rank,
         "curve": [list(p) for p in run.curve],
     }
+
+
+def _log_eval_save(run: Run, bar: tqdm, losses: list[float], tps: float) -> list[float]:
+    """What falls due after a step: the training log, a validation, a checkpoint. Returns the
+    losses not yet logged."""
+    c = run.config
+    if run.step % c.log_every == 0 or run.step == c.steps:
+        bar.set_postfix(loss=f"{run.log_train(losses, tps):.3f}", tok_s=f"{tps:,.0f}")
+        losses = []
+    if run.step % c.eval_every == 0 and run.step < c.steps:
+        bar.set_postfix(val=f"{run.validate_now():.3f}", tok_s=f"{tps:,.0f}")
+    if c.ckpt_every and run.step % c.ckpt_every == 0 and run.step < c.steps:
+        run.save()
+    bar.update(1)
+    return losses
 
 
 def _progress(run: Run) -> tqdm:
