@@ -18,7 +18,7 @@ from engram.hashing import NgramHasher
 from engram.spec import SpecConfig, resolve
 
 ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(ROOT / "bench"))  # the benchmarks import their sibling modules so
+sys.path.insert(0, str(ROOT / "bench"))  # as a benchmark run as a script finds its siblings
 
 from distributed_check import free_port, one_rank_check  # noqa: E402
 
