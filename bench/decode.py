@@ -3,8 +3,13 @@
 Two measurements, both with the decoding cache (K/V, N-gram history, conv windows):
 
 1. Decode tokens/s at batch 1 and batch 8 after a 128-token prompt, Engram vs no Engram (the
-   `demo` preset's backbone with the same experts; Engram at block 1 with the preset's table).
-   Steps of the models are interleaved so that machine noise hits all alike. A third model,
+   `demo` preset's backbone; Engram at block 1 with the preset's table). Every model has the
+   same backbone weights and decodes the same fixed token stream (each step's argmax is taken
+   as in generation, then the stream's next token is fed): two models decoding their own
+   greedy tokens through their own random routers would differ in how many experts a step
+   runs, which is not Engram's cost. The distinct experts per MoE layer and step are recorded
+   as the check (`routing`), beside those of an Engram model with its own backbone. Steps of
+   the models are interleaved so that machine noise hits all alike. A third model,
    the Engram one with its decode step and one-token hash AOT-compiled
    (`engram.inference.compiled`: one call of a compiled library each instead of some 70 eager
    ops), tests how much of the gap that op dispatch leaves compiling closes. A fourth, the
@@ -29,12 +34,14 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_models import share_backbone
 
 from engram.assembly import get_tokenizer
 from engram.experiments.report import machine_info
 from engram.hashing import HashState, NgramHasher
 from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM, model_preset
+from engram.model.moe import _top_k
 from engram.spec import resolve
 from engram.vocab import compress
 
@@ -100,24 +107,53 @@ def strip_wrappers(model: EngramLM) -> EngramLM:
     return model
 
 
-@torch.inference_mode()  # as engram.inference.generate decodes
-def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int) -> dict:
-    """Median decode tokens/s of each model, interleaved, from the same prompt."""
+def token_stream(batch: int, prompt: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt [B, prompt] and the tokens fed at each decode step [steps, B, 1]."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 4000, (batch, prompt), generator=gen)
+    return ids, torch.randint(0, 4000, (steps, batch, 1), generator=gen)
+
+
+@torch.inference_mode()  # as engram.inference.generate decodes
+def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int) -> dict:
+    """Median decode tokens/s of each model, interleaved, on the same token stream."""
+    ids, stream = token_stream(batch, prompt, steps)
     rates: dict[str, list[float]] = {name: [] for name in models}
     for r in range(repeats + 1):  # the first round warms up
         for name in list(models) if r % 2 == 0 else list(reversed(models)):
             model = models[name]
             cache = model.new_cache(batch, prompt + steps)
-            logits = model(ids, cache=cache)
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            model(ids, cache=cache)
             t0 = time.perf_counter()
-            for _ in range(steps):
-                token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            for token in stream:  # the argmax a generator takes, then the stream's token
+                model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
             if r > 0:
                 rates[name].append(batch * steps / (time.perf_counter() - t0))
     return {name: statistics.median(v) for name, v in rates.items()}
+
+
+@torch.inference_mode()
+def distinct_experts(model: EngramLM, batch: int, prompt: int, steps: int) -> float:
+    """Mean distinct routed experts per MoE layer and decode step on decode_rate's stream:
+    what a step's MoE runs, so what must match between the models compared."""
+    counts: list[int] = []
+
+    def count(moe, inputs, output) -> None:
+        flat = inputs[0].reshape(-1, inputs[0].shape[-1])
+        scores = torch.sigmoid(moe.router(flat).float()) + moe.route_bias
+        counts.append(len(set(_top_k(scores, moe.config.top_k).flatten().tolist())))
+
+    ids, stream = token_stream(batch, prompt, steps)
+    cache = model.new_cache(batch, prompt + steps)
+    model(ids, cache=cache)
+    hooks = [moe.register_forward_hook(count) for moe in model.moe_layers]
+    try:
+        for token in stream:
+            model(token, cache=cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return statistics.mean(counts)
 
 
 @torch.inference_mode()  # as engram.inference.generate decodes
@@ -178,13 +214,19 @@ def main() -> None:
     tok = get_tokenizer("bpe:4096", "default")
     vocab = compress(tok)
     max_len = max(contexts) + 6 * args.repeats + 8  # room for step_times()
+    without = build(False, tok, vocab, max_len)
+
+    def with_engram() -> EngramLM:
+        return share_backbone(build(True, tok, vocab, max_len), without)
+
     models = {
-        "with": build(True, tok, vocab, max_len),
-        "without": build(False, tok, vocab, max_len),
+        "with": with_engram(),
+        "without": without,
         # Compiled (or loaded from the cache) in decode_rate's warm-up round.
-        "with_aot": compile_decoding(build(True, tok, vocab, max_len)),
-        "with_floor": strip_wrappers(compile_decoding(build(True, tok, vocab, max_len))),
+        "with_aot": compile_decoding(with_engram()),
+        "with_floor": strip_wrappers(compile_decoding(with_engram())),
     }
+    own_backbone = build(True, tok, vocab, max_len)  # the control's counterpart, not timed
 
     results: dict = {"decode": {}}
     for batch in (1, 8):
@@ -192,16 +234,29 @@ def main() -> None:
         ratio = rate["with"] / rate["without"]
         aot = rate["with_aot"] / rate["without"]
         floor = rate["with_floor"] / rate["without"]
+        routing = {
+            name: distinct_experts(model, batch, 128, args.steps)
+            for name, model in (
+                ("with", models["with"]),
+                ("without", without),
+                ("with_own_backbone", own_backbone),
+            )
+        }
         results["decode"][f"batch_{batch}"] = {
             **rate,
             "ratio": ratio,
             "ratio_aot": aot,
             "ratio_floor": floor,
+            "routing": {"distinct_experts_per_layer_step": routing},
         }
         print(
             f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
             f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f}; "
             f"bare compiled calls, the floor: {floor:.3f})"
+        )
+        print(
+            "  distinct experts per MoE layer and step: "
+            + ", ".join(f"{name} {n:.2f}" for name, n in routing.items())
         )
     results["ops_per_step"] = op_counts(models["with"])
     results["ops_per_step_aot"] = op_counts(models["with_aot"])  # compiled calls are not ops
@@ -223,6 +278,8 @@ def main() -> None:
             "repeats": args.repeats,
             "contexts": contexts,
             "tokenizer": "bpe:4096",
+            "backbone": "shared",
+            "tokens": "fixed stream, argmax taken each step",
         },
         "results": results,
     }

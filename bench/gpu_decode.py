@@ -1,8 +1,10 @@
 """Cached decoding tokens/s on one GPU: a preset with and without Engram (issue 16).
 
 The `gpu` preset (Engram at blocks 1 and 5) and its backbone without Engram, in eval mode with
-fp32 weights as `engram generate` runs them, decode greedily with the cache (K/V, N-gram
-history, conv windows) after the same random prompt: `--steps` tokens per measurement, the two
+fp32 weights as `engram generate` runs them (one backbone's weights in both), decode with the
+cache (K/V, N-gram history, conv windows) after the same random prompt, each fed the same fixed
+token stream (the argmax a generator takes is computed, then the stream's token fed, so that
+both run the same tokens through the same router): `--steps` tokens per measurement, the two
 models alternating over `--repeats` rounds after one warm-up round, each waiting for the
 device; medians are reported. At batch 1 a step is a chain of small kernels, so this measures
 per-step overhead more than arithmetic. Then, on one cached sequence of the Engram model,
@@ -49,15 +51,14 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.no_grad()
-def decode_seconds(model: EngramLM, prompt: torch.Tensor, steps: int) -> float:
-    """Prefill `prompt` into a fresh cache (untimed), then time `steps` greedy tokens."""
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
-    first = model(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+def decode_seconds(model: EngramLM, prompt: torch.Tensor, stream: torch.Tensor) -> float:
+    """Prefill `prompt` into a fresh cache (untimed), then time decoding `stream` [steps, B, 1]."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + stream.shape[0])
+    model(prompt, cache=cache)
 
     def loop() -> None:
-        token = first
-        for _ in range(steps):
-            token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        for token in stream:
+            model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
 
     return timed(loop, prompt.device)
 
@@ -94,13 +95,14 @@ def main() -> None:
         )
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, tok.vocab_size, (args.batch, args.prompt), generator=gen)
-    prompt = prompt.to(device)
+    stream = torch.randint(0, tok.vocab_size, (args.steps, args.batch, 1), generator=gen)
+    prompt, stream = prompt.to(device), stream.to(device)
     # A third arm: the Engram model with its decode steps AOT-compiled (compiled here,
     # before the clock, or loaded from the cache of an earlier run).
     models["with_compiled"] = compile_decoding(copy.deepcopy(models["with"]), args.batch)
     arms = (*ARMS, "with_compiled")
     seconds = interleaved(
-        lambda arm: decode_seconds(models[arm], prompt, args.steps), 1, args.repeats, arms
+        lambda arm: decode_seconds(models[arm], prompt, stream), 1, args.repeats, arms
     )
     results: dict = {}
     for arm in arms:

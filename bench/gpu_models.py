@@ -43,8 +43,25 @@ def model_pair(
         arm_config = config if arm == "with" else config.with_(engram=None)
         # Built on the CPU, then moved, as the trainer does (the hasher stays a CPU object).
         model, _ = build_model(arm_config, tok, tok.name)
-        models[arm] = model.to(device)
-    return models, tok
+        models[arm] = model
+    share_backbone(models["with"], models["without"])
+    return {arm: model.to(device) for arm, model in models.items()}, tok
+
+
+def share_backbone(with_engram: EngramLM, without: EngramLM) -> EngramLM:
+    """Give `with_engram` the backbone weights of `without` (its Engram layers keep theirs).
+
+    Why: the two models draw their weights from one seed in different orders, so each gets
+    its own random router. A router of its own sends the same tokens to more or fewer distinct
+    experts per step (at batch 8 of the `demo` preset, decoding one token stream: 14.4 against
+    13.5 per MoE layer, measured by hand), and that difference, not Engram, would then sit in
+    the ratio. With one backbone only Engram's work and its effect on the hidden states differ.
+    """
+    missing, unexpected = with_engram.load_state_dict(without.state_dict(), strict=False)
+    strays = [key for key in missing if ".engram." not in key and "input_memory." not in key]
+    if unexpected or strays:
+        raise ValueError(f"not the same backbone: {unexpected or strays}")
+    return with_engram
 
 
 def synchronize(device: torch.device) -> None:
