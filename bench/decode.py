@@ -115,8 +115,10 @@ def token_stream(batch: int, prompt: int, steps: int) -> tuple[torch.Tensor, tor
 
 
 @torch.inference_mode()  # as engram.inference.generate decodes
-def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int) -> dict:
-    """Median decode tokens/s of each model, interleaved, on the same token stream."""
+def decode_rate(
+    models: dict, batch: int, prompt: int, steps: int, repeats: int
+) -> dict[str, list[float]]:
+    """Decode tokens/s of each model in each round, interleaved, on the same token stream."""
     ids, stream = token_stream(batch, prompt, steps)
     rates: dict[str, list[float]] = {name: [] for name in models}
     for r in range(repeats + 1):  # the first round warms up
@@ -129,7 +131,15 @@ def decode_rate(models: dict, batch: int, prompt: int, steps: int, repeats: int)
                 model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
             if r > 0:
                 rates[name].append(batch * steps / (time.perf_counter() - t0))
-    return {name: statistics.median(v) for name, v in rates.items()}
+    return rates
+
+
+def paired(rates: dict[str, list[float]], name: str) -> dict[str, float]:
+    """Median and quartiles of `name`'s rate over the baseline's in the same round: a slow
+    stretch of this shared machine slows both models of a round, so their ratio keeps."""
+    ratios = [a / b for a, b in zip(rates[name], rates["without"], strict=True)]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3}
 
 
 @torch.inference_mode()
@@ -205,7 +215,7 @@ def op_counts(model: EngramLM, batch: int = 1) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
-    ap.add_argument("--repeats", type=int, default=15)  # three models: noise needs many rounds
+    ap.add_argument("--repeats", type=int, default=30)  # four models: noise needs many rounds
     ap.add_argument("--contexts", default="128,512,1024,2048,4096")
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = ap.parse_args()
@@ -230,7 +240,9 @@ def main() -> None:
 
     results: dict = {"decode": {}}
     for batch in (1, 8):
-        rate = decode_rate(models, batch, 128, args.steps, args.repeats)
+        rounds = decode_rate(models, batch, 128, args.steps, args.repeats)
+        rate = {name: statistics.median(v) for name, v in rounds.items()}
+        pairs = {name: paired(rounds, name) for name in ("with", "with_aot", "with_floor")}
         ratio = rate["with"] / rate["without"]
         aot = rate["with_aot"] / rate["without"]
         floor = rate["with_floor"] / rate["without"]
@@ -247,12 +259,20 @@ def main() -> None:
             "ratio": ratio,
             "ratio_aot": aot,
             "ratio_floor": floor,
+            "paired_ratios": pairs,
             "routing": {"distinct_experts_per_layer_step": routing},
         }
         print(
             f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
             f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f}; "
             f"bare compiled calls, the floor: {floor:.3f})"
+        )
+        print(
+            "  paired by round, median [quartiles]: "
+            + ", ".join(
+                f"{name} {p['median']:.3f} [{p['q1']:.3f}, {p['q3']:.3f}]"
+                for name, p in pairs.items()
+            )
         )
         print(
             "  distinct experts per MoE layer and step: "
