@@ -64,7 +64,7 @@ def check_ids(ids: torch.Tensor, vocab_size: int, name: str = "ids") -> None:
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return
     if ids.numel() <= 64:  # a decode step's few ids: one read costs less than a reduction
-        values = ids.reshape(-1).tolist()
+        values = [v for row in ids.tolist() for v in row]  # no reshape: one op less a step
         lo, hi = min(values), max(values)
     else:
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass over the ids
@@ -221,7 +221,10 @@ class NgramHasher:
             )
         if T == 1 and doc_starts is None and pads is None:
             hash_one = self.fast_hash_one or self.hash_one
-            rows, history = hash_one(ids, state.history.to(ids.device), lookup, multipliers, primes)
+            history = state.history  # `.to` of a tensor already there is still an op a step
+            if history.device != ids.device:
+                history = history.to(ids.device)
+            rows, history = hash_one(ids, history, lookup, multipliers, primes)
             return rows, HashState(history, self.spec.canonical_pad_id)
         canon = _canonical(ids, lookup)  # [B, T]
         starts = self._document_starts(ids, doc_starts, pads)  # [B, T] bool or None

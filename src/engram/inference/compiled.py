@@ -111,7 +111,7 @@ class AotFunction:
     def package(self, layout: Layout, tensors: list[torch.Tensor]) -> Path:
         """Where the package for `layout` lives. The key holds the instruction sets it was
         built for (Inductor compiles for the machine it runs on)."""
-        key = repr((torch.__version__, _isa(tensors), self.source, layout)).encode()
+        key = repr((torch.__version__, _isa(tensors), self.source, _LOWERING, layout)).encode()
         return self.directory / f"{self.name}-{hashlib.sha256(key).hexdigest()[:20]}.pt2"
 
     def _load(self, layout: Layout, tensors: list[torch.Tensor]):
@@ -125,6 +125,9 @@ class AotFunction:
         with torch.inference_mode(False), torch.no_grad():
             examples = tuple(_example(t) for t in tensors)
             program = torch.export.export(_Traced(self.fn), examples)
+            decompositions = torch.export.default_decompositions()
+            decompositions[torch.ops.aten.linear.default] = _linear_as_mm_add
+            program = program.run_decompositions(decompositions)
             # One thread on a CPU: a decode step's kernels are too small to split, and an
             # OpenMP region costs more to wake than the work inside it.
             cpu = all(t.device.type == "cpu" for t in tensors)
@@ -253,6 +256,20 @@ def _eager(module: Engram) -> Iterator[None]:
         yield
     finally:
         module.fast_step = saved
+
+
+def _linear_as_mm_add(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear` as a matmul and an add. Inductor lowers a CPU linear with a bias to an
+    `addmm_out` call, which expands, copies and clones the bias first: three more calls into
+    torch per projection. The add instead fuses into the kernel that follows. The same sums
+    (the decode tests hold the compiled steps to the eager ones)."""
+    y = torch.matmul(x, weight.t())
+    return y if bias is None else y + bias
+
+
+_LOWERING = "linear=mm+add"  # in the package key: packages built otherwise are not reused
 
 
 def _layout(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> Layout:
