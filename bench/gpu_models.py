@@ -53,9 +53,10 @@ def share_backbone(with_engram: EngramLM, without: EngramLM) -> EngramLM:
 
     Why: the two models draw their weights from one seed in different orders, so each gets
     its own random router. A router of its own sends the same tokens to more or fewer distinct
-    experts per step (at batch 8 of the `demo` preset, decoding one token stream: 14.4 against
-    13.5 per MoE layer, measured by hand), and that difference, not Engram, would then sit in
-    the ratio. With one backbone only Engram's work and its effect on the hidden states differ.
+    experts per step (at batch 8 of the `demo` preset, decoding one token stream: 14.37 against
+    13.44 per MoE layer, `routing` in bench/results/decode.json), and that difference, not
+    Engram, would then sit in the ratio. With one backbone only Engram's work and its effect
+    on the hidden states differ.
     """
     missing, unexpected = with_engram.load_state_dict(without.state_dict(), strict=False)
     strays = [key for key in missing if ".engram." not in key and "input_memory." not in key]
