@@ -125,12 +125,13 @@ class AotFunction:
         with torch.inference_mode(False), torch.no_grad():
             examples = tuple(_example(t) for t in tensors)
             program = torch.export.export(_Traced(self.fn), examples)
-            decompositions = torch.export.default_decompositions()
-            decompositions[torch.ops.aten.linear.default] = _linear_as_mm_add
-            program = program.run_decompositions(decompositions)
+            cpu = all(t.device.type == "cpu" for t in tensors)
+            if cpu:  # on CUDA Inductor unfuses the bias itself where its users are pointwise
+                decompositions = torch.export.default_decompositions()
+                decompositions[torch.ops.aten.linear.default] = _linear_as_mm_add
+                program = program.run_decompositions(decompositions)
             # One thread on a CPU: a decode step's kernels are too small to split, and an
             # OpenMP region costs more to wake than the work inside it.
-            cpu = all(t.device.type == "cpu" for t in tensors)
             configs = {"cpp.threads": 1} if cpu else {}
             with tempfile.TemporaryDirectory(dir=self.directory) as scratch:
                 partial = Path(scratch) / path.name
@@ -261,10 +262,11 @@ def _eager(module: Engram) -> Iterator[None]:
 def _linear_as_mm_add(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`F.linear` as a matmul and an add. Inductor lowers a CPU linear with a bias to an
-    `addmm_out` call, which expands, copies and clones the bias first: three more calls into
-    torch per projection. The add instead fuses into the kernel that follows. The same sums
-    (the decode tests hold the compiled steps to the eager ones)."""
+    """`F.linear` as a matmul and an add, for CPU packages. Inductor lowers a CPU linear with
+    a bias to an `addmm_out` call, which first expands the bias and copies it into the output:
+    two more calls into torch per projection, each a dispatch that costs more than the work.
+    The add instead fuses into the kernel that follows. The compiled steps' outputs were
+    bitwise those of `addmm` on this project's CPU, and the decode tests hold them to eager."""
     y = torch.matmul(x, weight.t())
     return y if bias is None else y + bias
 
