@@ -102,6 +102,7 @@ def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
     gain = floor - ref  # positive when Engram helps, as the paper's 1.808 - 1.768
     assert f"Engram gain (no-engram minus reference): {gain:+.4f}" in markdown
     assert "One seed" in markdown
+    assert {r["verdict"] for r in rows.values()} == {"-", "unresolved"}  # one seed resolves nothing
     assert "the largest regression" in markdown  # the paper's finding beside ours
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "ablation.png").stat().st_size > 5000
@@ -117,7 +118,14 @@ def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
     gate = rows["no-gate"]
     assert gate["seeds"] == [0, 1] and gate["val_loss_per_seed"][0] != gate["val_loss_per_seed"][1]
     assert math.isclose(gate["delta_ref"], sum(gate["delta_ref_per_seed"]) / 2)
-    assert "2 seeds; the largest spread" in (out / "report.md").read_text()
+    # The studies' rule: resolved only past twice the larger seed spread of the two arms.
+    bar = 2 * max(gate["val_loss_spread"], rows["reference"]["val_loss_spread"])
+    assert gate["verdict"] == ("resolved" if abs(gate["delta_ref"]) > bar else "unresolved")
+    assert rows["reference"]["verdict"] == "-"
+    markdown = (out / "report.md").read_text()
+    assert "2 seeds; the largest spread" in markdown
+    assert "Resolved against the reference" in markdown
+    assert f"| {gate['verdict']} |" in markdown
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):

@@ -35,6 +35,7 @@ from engram.experiments.arms import (
     tokens_per_arm,
     train_arms,
 )
+from engram.experiments.granularity import verdict
 from engram.experiments.report import machine_info, markdown_table, pyplot, write_json
 from engram.model import ModelConfig, model_preset
 from engram.spec import SpecConfig
@@ -240,14 +241,17 @@ def run_ablation(cfg: AblationConfig = AblationConfig()) -> dict[str, Any]:
 
 
 def compare(arms: dict[str, Arm], results: dict[str, dict]) -> list[dict[str, Any]]:
-    """One row per arm: accounting, losses, and deltas paired by seed against both baselines."""
+    """One row per arm: accounting, losses, deltas paired by seed against both baselines, and
+    the studies' verdict on the delta against the reference."""
     ref = results[REFERENCE]["val_loss_per_seed"]
+    ref_spread = results[REFERENCE]["val_loss_spread"]
     floor = results[NO_ENGRAM]["val_loss_per_seed"]
     rows = []
     for name, arm in arms.items():
         r = results[name]
         # train_arms runs every arm for the same seeds in the same order, so deltas pair by seed.
         paired = [a - b for a, b in zip(r["val_loss_per_seed"], ref, strict=True)]
+        delta = sum(paired) / len(paired)
         rows.append(
             {
                 "arm": name,
@@ -256,8 +260,11 @@ def compare(arms: dict[str, Arm], results: dict[str, dict]) -> list[dict[str, An
                 **{k: r[k] for k in ("table_params", "p_tot", "p_act", "tokens_per_s")},
                 **{k: r[k] for k in ("val_loss", "val_loss_spread", "val_loss_per_seed")},
                 "seeds": r["seeds"],
-                "delta_ref": sum(paired) / len(paired),
+                "delta_ref": delta,
                 "delta_ref_per_seed": paired,
+                "verdict": "-"
+                if name == REFERENCE
+                else verdict(delta, r["val_loss_spread"], ref_spread, len(paired)),
                 "delta_no_engram": r["val_loss"] - sum(floor) / len(floor),
             }
         )
@@ -304,6 +311,7 @@ def _table(rows: list[dict]) -> str:
             "spread",
             "per seed",
             "vs reference",
+            "verdict",
             "vs no Engram",
             "paper",
         ],
@@ -318,6 +326,7 @@ def _table(rows: list[dict]) -> str:
                 f"{r['val_loss_spread']:.4f}",
                 ", ".join(f"{v:.4f}" for v in r["val_loss_per_seed"]),
                 f"{r['delta_ref']:+.4f}",
+                r["verdict"],
                 f"{r['delta_no_engram']:+.4f}",
                 r["paper"],
             ]
@@ -348,6 +357,14 @@ def _findings(rows: list[dict], seeds: int) -> list[str]:
         lines.append(
             f"- {seeds} seeds; the largest spread of a paired delta is {noise:.4f}. Worse than "
             f"the reference in every seed: {', '.join(clear) or 'none'}."
+        )
+        resolved = [r for r in rows if r["verdict"] == "resolved"]
+        named = ", ".join(
+            f"{r['arm']} ({'worse' if r['delta_ref'] > 0 else 'better'})" for r in resolved
+        )
+        lines.append(
+            "- Resolved against the reference (the mean paired delta exceeds twice the larger "
+            f"seed spread of the two arms): {named or 'none'}; the rest are within noise."
         )
     else:
         lines.append(
