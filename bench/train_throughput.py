@@ -1,11 +1,13 @@
 """Training throughput: the Engram model vs the same backbone without Engram, in one run.
 
-Both models are the `demo` preset's backbone (4 blocks of width 128, 64 routed experts top-2);
-one has Engram at block 1 (the iso-parameter plan at rho = 0.8, a 118k-row table), the other
-none. A step is forward + backward + optimiser step (AdamW for the backbone, sparse Adam for
-the table) on the same random token ids; the rows come precomputed, as the data loader hands
-them over, and the hashing cost is timed separately. Steps of the two models are interleaved
-so that machine noise hits both alike; the median is reported.
+Both models are the `demo` preset's backbone (4 blocks of width 128, 64 routed experts top-2),
+with the same weights (`share_backbone`: a router of its own would balance the experts its own
+way, which is not Engram's cost); one has Engram at block 1 (the iso-parameter plan at rho =
+0.8, a 118k-row table), the other none. A step is forward + backward + optimiser step (AdamW
+for the backbone, sparse Adam for the table) on the same random token ids; the rows come
+precomputed, as the data loader hands them over, and the hashing cost is timed separately.
+Steps of the two models are interleaved so that machine noise hits both alike; the median is
+reported.
 
 The last line of output is one JSON record (also written to --out).
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_models import share_backbone
 
 from engram.assembly import get_tokenizer
 from engram.config import OptimConfig
@@ -54,9 +57,10 @@ def main() -> None:
     tok = get_tokenizer("bpe:4096", "default")
     vocab = compress(tok)
     arms, plan = demo_arms(model_preset("demo"), 0.8)
+    without = build(arms["moe"].with_(moe=arms["engram"].moe), tok, vocab)
     models = {
-        "without": build(arms["moe"].with_(moe=arms["engram"].moe), tok, vocab),
-        "with": build(arms["engram"], tok, vocab),
+        "without": without,
+        "with": share_backbone(build(arms["engram"], tok, vocab), without),
     }
     opts = {k: Optimizers(m, OptimConfig()) for k, m in models.items()}
     gen = torch.Generator().manual_seed(0)
@@ -104,6 +108,7 @@ def main() -> None:
             "rho": plan.rho,
             "table_rows": plan.table_rows,
             "tokenizer": "bpe:4096",
+            "backbone": "shared",
         },
         "results": {
             "tokens_per_s_without": tps["without"],
