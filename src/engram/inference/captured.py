@@ -1,0 +1,288 @@
+"""Whole decode steps captured ahead of time: backbone, Engram and head in one compiled call.
+
+Why: on a CPU a decode step of a small model is a few hundred tiny ops, and each costs
+microseconds of dispatch whatever its size. `engram.inference.compiled` compiles Engram's part
+of a step; what is left around it (the backbone's ops, the model's bookkeeping) is the same in a
+model without Engram, so Engram's share can only shrink so far (docs/benchmarks.md, Cached
+decoding). Capturing the whole step, for a model with Engram and one without alike, removes
+the dispatch from both and leaves each what it computes.
+
+A captured step needs static shapes and no reads to the host, so it differs from the eager
+step in three places, each with the same sums up to rounding (tests/test_captured_decoding.py):
+
+- attention reads every slot of the cache, the unused ones masked, instead of a growing slice;
+  the step's position is a tensor, so one compiled package serves every step;
+- each token's routed experts are read from stacked copies of the experts' weights by index
+  (a gather inside the kernel), instead of sorting tokens by expert and looping;
+- the cache's bookkeeping (slot validity, positions, the last EOS) is updated in place.
+
+`CapturedDecoder(model)` holds a snapshot of the weights: the parameters as they are when it is
+built or `refresh()`ed, and the stacked experts copied then. Decode with `decoder(ids, cache)`
+on a cache from `model.new_cache`, after a prefill through the model itself; it returns the
+step's logits and advances the cache as `model(ids, cache=cache)` would. A chunk of more than one
+token, or one with padding, stays with the model. Packages are compiled per layout (batch size,
+cache capacity, dtypes) and kept with those of `engram.inference.compiled`.
+
+Legend: B batch, S cache slots, M branches, d width, E experts, k experts per token, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import engram.inference.captured
+import engram.model.lm
+from engram.hashing import HashState, check_ids
+from engram.inference.compiled import AotFunction, _layout
+from engram.model import EngramLM
+from engram.model.decode_cache import DecodeCache
+from engram.model.layers import Attention
+from engram.model.moe import MoE, _top_k
+from engram.vocab import cache_dir
+
+
+class CapturedDecoder:
+    """One-token decode steps of `model`, each one AOT-compiled call (see the module doc)."""
+
+    def __init__(self, model: EngramLM, directory: Path | str | None = None) -> None:
+        if any(memory.row_source is not None for memory in model.engram_layers):
+            raise ValueError(
+                "a table read through a row source (host or disk placement) cannot be captured: "
+                "decode with the model itself"
+            )
+        self.model = model
+        where = Path(directory) if directory is not None else cache_dir() / "aot"
+        source = (
+            _digest(engram.inference.captured)
+            + _digest(engram.model.lm)
+            + repr(model.config)
+            + (model.spec.digest if model.spec is not None else "")
+        )
+        self._step = _Step(model)
+        self.function = AotFunction("decode-step", self._step.traced, source, where)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take a new snapshot of the model's weights (after training or loading them)."""
+        self._weights = self._step.weights()
+        self._weights_layout = _layout(self._weights)
+        self._cache_key: tuple[int, ...] = ()
+        self._cache_layout: tuple = ()
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """Logits [B, 1, V] of one decode step of ids [B, 1]; `cache` advances by one slot."""
+        model = self.model
+        if ids.ndim != 2 or ids.shape[1] != 1:
+            raise ValueError(f"a captured step takes ids [B, 1], got {list(ids.shape)}")
+        check_ids(ids, model.config.vocab_size)
+        if cache.batch_size != ids.shape[0]:
+            raise ValueError(
+                f"the cache holds {cache.batch_size} sequences, ids have {ids.shape[0]}"
+            )
+        if cache.length + 1 > cache.capacity:
+            raise ValueError(
+                f"the cache has room for {cache.capacity} tokens and all are used: build a "
+                "larger cache"
+            )
+        top = model.config.max_seq_len
+        if cache.length + 1 > top and int(cache.positions.max()) >= top:
+            raise ValueError(f"position {int(cache.positions.max())} exceeds max_seq_len={top}")
+        state = self._cache_tensors(cache)
+        length = torch.tensor(cache.length, dtype=torch.int64, device=ids.device)
+        inputs = [ids.contiguous(), length, *state]
+        layout = (self._weights_layout, self._layout_of(state), _layout(inputs[:2]))
+        logits, history = self.function(layout, [*self._weights, *inputs])
+        if cache.hash_state is not None:
+            cache.hash_state = HashState(history, cache.hash_state.pad_id)
+        cache.length += 1
+        return logits
+
+    def _cache_tensors(self, cache: DecodeCache) -> list[torch.Tensor]:
+        history = cache.hash_state.history if cache.hash_state is not None else None
+        tensors = [*cache.keys, *cache.values, cache.valid, cache.positions, cache.last_eos]
+        tensors += [cache.conv[layer] for layer in self._step.conv_layers]
+        if history is not None:
+            tensors.append(history.contiguous())
+        return tensors
+
+    def _layout_of(self, state: list[torch.Tensor]) -> tuple:
+        """The cache tensors' layout, recomputed only when one of them is a new object."""
+        key = tuple(map(id, state))
+        if key != self._cache_key:
+            self._cache_key, self._cache_layout = key, _layout(state)
+        return self._cache_layout
+
+
+class _Step(nn.Module):
+    """The traced step: a pure function of the weights, the ids and the cache's tensors."""
+
+    def __init__(self, model: EngramLM) -> None:
+        super().__init__()
+        self.model = model
+        self.slots, self.count = _slots(model)
+        self.moe_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)]
+        self.conv_layers = [
+            b.layer for b in model.blocks if b.engram is not None and b.engram.conv is not None
+        ]
+        self.hashed = model.spec is not None and model.hasher is not None
+
+    def weights(self) -> list[torch.Tensor]:
+        """Parameters and buffers (aliases: a later `param.data = ...` cannot move them under
+        the compiled code), the hasher's constants, and each MoE's experts stacked."""
+        model = self.model
+        tensors = [t.detach() for t in _distinct_tensors(model)]
+        if self.hashed:
+            device = next(model.parameters()).device
+            tensors += list(model.hasher._constants(device))
+        for i in self.moe_blocks:
+            experts = model.blocks[i].ffn.experts
+            tensors.append(torch.stack([e.gate_up.weight.detach() for e in experts]))
+            tensors.append(torch.stack([e.down.weight.detach() for e in experts]))
+        return tensors
+
+    def traced(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The flat function compiled: weights() then the step's inputs, in order."""
+        rest = list(tensors[self.count :])
+        constants = [rest.pop(0) for _ in range(3)] if self.hashed else []
+        experts = {i: (rest.pop(0), rest.pop(0)) for i in self.moe_blocks}
+        saved = [owner[key] for owner, key, _ in self.slots]
+        try:  # each slot once, so that a shared module (the rotary tables) is restored exactly
+            for owner, key, i in self.slots:
+                owner[key] = tensors[i]
+            return self(constants, experts, *rest)
+        finally:
+            for (owner, key, _), original in zip(self.slots, saved, strict=True):
+                owner[key] = original
+
+    def forward(self, constants, experts, ids, length, *cache) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        n = len(model.blocks)
+        keys, values = cache[:n], cache[n : 2 * n]
+        valid, positions, last_eos = cache[2 * n : 2 * n + 3]
+        windows = dict(zip(self.conv_layers, cache[2 * n + 3 :], strict=False))
+        B, S = valid.shape
+        # 1. Rows of every Engram layer from the N-gram history: [L, B, 1, H]
+        rows, history = {}, ids
+        if self.hashed:
+            stacked, history = model.hasher.hash_one(ids, cache[-1], *constants)
+            rows = dict(zip(model.spec.layer_ids, stacked.unbind(0), strict=True))
+        eos = model.spec.eos_id if model.spec is not None else None
+        starts = last_eos[:, None] if eos is not None else None  # [B, 1]
+        # 2. What a query may see: the real slots so far and its own. mask [B, 1, 1, S]
+        slot = torch.arange(S, device=ids.device)
+        mask = (valid | (slot == length)[None, :])[:, None, None, :]
+        x = model.embed(ids)  # [B, 1, d]
+        for memory in model.input_memory:  # OverEncoding: the N-grams join the token
+            x = x + memory(rows[memory.layer_id])
+        x = x.unsqueeze(2).expand(B, 1, model.config.hc_branches, model.config.d_model)
+        for i, block in enumerate(model.blocks):  # x [B, 1, M, d]
+            if block.engram is not None:  # the eager step, whatever fast step is installed
+                window = windows.get(block.layer)
+                x = x + block.engram._step(x, rows[block.layer], starts, window)
+            k_cache, v_cache = keys[i], values[i]
+
+            def attend(h, attn=block.attn, norm=block.attn_norm, kc=k_cache, vc=v_cache):
+                return _attention(attn, norm(h), positions, kc, vc, mask, length)
+
+            x = block.attn_res(x, attend)
+            if i in experts:
+                gate_up, down = experts[i]
+
+                def routed(h, f=block.ffn, n=block.ffn_norm, g=gate_up, w=down):
+                    return _moe(f, n(h), g, w)
+
+                x = block.ffn_res(x, routed)
+            else:
+                x = block.ffn_res(x, lambda h, f=block.ffn, n=block.ffn_norm: f(n(h)))
+        logits = model.readout(x)  # [B, 1, V]
+        # 3. The cache's bookkeeping, in place: what DecodeCache.commit does for one token
+        valid.index_fill_(1, length.view(1), True)
+        positions.add_(1)
+        if eos is not None:
+            last_eos.copy_(ids[:, -1] == eos)
+        return logits, history
+
+
+def _attention(
+    attn: Attention,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    length: torch.Tensor,
+) -> torch.Tensor:
+    """`Attention.forward` for one token over every slot of its cache: x [B, 1, d] -> [B, 1, d].
+    The token's K/V are written to slot `length`; unused slots are masked, not sliced off."""
+    B, _, d = x.shape
+    q = attn.q_proj(x).view(B, 1, attn.n_heads, attn.head_dim).transpose(1, 2)  # [B, nh, 1, hd]
+    kv = attn.kv_proj(x).view(B, 1, 2, attn.n_kv, attn.head_dim)
+    k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # [B, nkv, 1, hd]
+    q, k = attn.rotary.at(q, positions[:, None]), attn.rotary.at(k, positions[:, None])
+    keys.index_copy_(2, length.view(1), k.to(keys.dtype))
+    values.index_copy_(2, length.view(1), v.to(values.dtype))
+    y = F.scaled_dot_product_attention(
+        q,
+        keys.to(q.dtype),
+        values.to(q.dtype),
+        attn_mask=mask,
+        enable_gqa=attn.n_kv != attn.n_heads,
+    )
+    return attn.o_proj(y.transpose(1, 2).reshape(B, 1, d))
+
+
+def _moe(moe: MoE, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`MoE.forward` of a few tokens with each token's experts read by index from the stacked
+    weights gate_up [E, 2h, d] and down [E, d, h]: no sort, no loop, no read to the host."""
+    shape = h.shape
+    flat = h.reshape(-1, shape[-1])  # [N, d]
+    scores = torch.sigmoid(moe.router(flat).float())  # [N, E]
+    idx = _top_k(scores + moe.route_bias, moe.config.top_k)  # [N, k]
+    weights = scores.gather(1, idx)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(flat.dtype)
+    hidden = (gate_up[idx] * flat[:, None, None, :]).sum(-1)  # [N, k, 2h]
+    gate, up = hidden.chunk(2, dim=-1)
+    act = F.silu(gate) * up  # [N, k, h]
+    out = ((down[idx] * act[:, :, None, :]).sum(-1) * weights[..., None]).sum(1)  # [N, d]
+    if moe.shared is not None:
+        out = out + moe.shared(flat)
+    return out.view(shape)
+
+
+def _distinct_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer once (a tied weight or a shared module's buffer too), in a
+    fixed order: the inputs `_slots` numbers."""
+    seen: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for owner in (module._parameters, module._buffers):
+            for t in owner.values():
+                if t is not None:
+                    seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _slots(model: nn.Module) -> tuple[list[tuple[dict, str, int]], int]:
+    """(owning dict, key, input index) of every place a parameter or buffer sits, each place
+    once, and the number of distinct tensors."""
+    index = {id(t): i for i, t in enumerate(_distinct_tensors(model))}
+    places: dict[tuple[int, str], tuple[dict, str, int]] = {}
+    for module in model.modules():
+        for owner in (module._parameters, module._buffers):
+            for key, t in owner.items():
+                if t is not None:
+                    places.setdefault((id(owner), key), (owner, key, index[id(t)]))
+    return list(places.values()), len(index)
+
+
+def _digest(module) -> str:
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+
+
+__all__ = ["CapturedDecoder"]

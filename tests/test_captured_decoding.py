@@ -1,0 +1,107 @@
+"""Whole decode steps captured ahead of time (`engram.inference.captured`) against the model's
+own cached decoding: the same logits within rounding, the same cache afterwards.
+
+The tiny preset covers every piece a step has: a dense first block, MoE blocks (their experts
+read by index from stacked weights), mHC with M = 2, Engram with its gate and conv, and an EOS
+inside the decoded tokens. A compile takes seconds, so the packages are shared by the module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engram.hashing import NgramHasher
+from engram.inference.captured import CapturedDecoder
+from engram.model import EngramLM, model_preset
+from engram.spec import resolve
+from engram.vocab import compress
+
+ATOL = 1e-5  # test_compiled_decoding's bar: fused float arithmetic, not other sums
+B = 2
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot")
+
+
+@pytest.fixture(scope="module")
+def model(small_tok) -> EngramLM:
+    config = model_preset("tiny").with_(vocab_size=small_tok.vocab_size)
+    vocab = compress(small_tok)
+    spec = resolve(config.engram.spec, tokenizer=small_tok, vocab=vocab)
+    torch.manual_seed(0)
+    model = EngramLM(config, spec, NgramHasher(spec, vocab))
+    with torch.no_grad():  # a trained conv is not zero
+        for e in model.engram_layers:
+            e.conv.conv.weight.normal_(std=0.5)
+    return model.eval()
+
+
+def _ids(model: EngramLM) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (B, 14), generator=gen)
+    ids[0, 7] = model.spec.eos_id  # a document ends mid-decode in one row
+    return ids
+
+
+@torch.inference_mode()
+def test_captured_steps_match_the_models_decoding(model, packages):
+    decoder = CapturedDecoder(model, packages)
+    ids = _ids(model)
+    eager, captured = model.new_cache(B, 20), model.new_cache(B, 20)
+    model(ids[:, :4], cache=eager)
+    model(ids[:, :4], cache=captured)
+    for t in range(4, ids.shape[1]):
+        want = model(ids[:, t : t + 1], cache=eager)
+        got = decoder(ids[:, t : t + 1], captured)
+        assert torch.allclose(got, want, atol=ATOL), (t, (got - want).abs().max())
+    assert captured.length == eager.length
+    for name in ("valid", "positions", "last_eos"):
+        assert torch.equal(getattr(captured, name), getattr(eager, name)), name
+    assert torch.equal(captured.hash_state.history, eager.hash_state.history)
+    for layer, window in eager.conv.items():
+        assert torch.allclose(captured.conv[layer], window, atol=ATOL)
+    used = eager.length
+    for k_eager, k_captured in zip(eager.keys, captured.keys, strict=True):
+        assert torch.allclose(k_captured[:, :, :used], k_eager[:, :, :used], atol=ATOL)
+    # The model's state is untouched by tracing: it still decodes as before.
+    last = ids[:, -1:]
+    assert torch.allclose(model(last, cache=eager), model(last, cache=captured), atol=ATOL)
+
+
+@torch.inference_mode()
+def test_the_weights_are_a_snapshot_until_refresh(model, packages):
+    decoder = CapturedDecoder(model, packages)
+    ids = _ids(model)
+    caches = [model.new_cache(B, 20) for _ in range(3)]
+    for cache in caches:  # prefilled alike, before any change
+        model(ids[:, :4], cache=cache)
+    before = decoder(ids[:, 4:5], caches[0])
+    weights = [e.gate_up.weight for e in model.moe_layers[0].experts]
+    saved = [w.clone() for w in weights]
+    try:
+        for w in weights:  # the experts were stacked into a copy: unseen until refresh()
+            w.mul_(3.0)
+        assert torch.equal(decoder(ids[:, 4:5], caches[1]), before)
+        decoder.refresh()
+        assert not torch.allclose(decoder(ids[:, 4:5], caches[2]), before, atol=ATOL)
+    finally:
+        for w, original in zip(weights, saved, strict=True):
+            w.copy_(original)
+
+
+@torch.inference_mode()
+def test_bad_calls_are_refused(model, packages):
+    decoder = CapturedDecoder(model, packages)
+    cache = model.new_cache(B, 5)
+    with pytest.raises(ValueError, match="ids \\[B, 1\\]"):
+        decoder(torch.zeros(B, 2, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="holds 2 sequences"):
+        decoder(torch.zeros(3, 1, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="outside the tokenizer"):
+        decoder(torch.full((B, 1), model.config.vocab_size), cache)
+    cache.length = 5
+    with pytest.raises(ValueError, match="room for 5 tokens"):
+        decoder(torch.zeros(B, 1, dtype=torch.int64), cache)
