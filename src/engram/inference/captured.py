@@ -72,7 +72,7 @@ class CapturedDecoder:
         """Take a new snapshot of the model's weights (after training or loading them)."""
         self._weights = self._step.weights()
         self._weights_layout = _layout(self._weights)
-        self._cache_key: tuple[int, ...] = ()
+        self._cache_seen: list[torch.Tensor] = []
         self._cache_layout: tuple = ()
 
     @torch.inference_mode()
@@ -113,10 +113,11 @@ class CapturedDecoder:
         return tensors
 
     def _layout_of(self, state: list[torch.Tensor]) -> tuple:
-        """The cache tensors' layout, recomputed only when one of them is a new object."""
-        key = tuple(map(id, state))
-        if key != self._cache_key:
-            self._cache_key, self._cache_layout = key, _layout(state)
+        """The cache tensors' layout, recomputed only when one of them is a new object. The
+        tensors last seen are held, so that no new tensor can take the identity of a freed one."""
+        seen = self._cache_seen
+        if len(seen) != len(state) or any(a is not b for a, b in zip(seen, state, strict=True)):
+            self._cache_seen, self._cache_layout = state, _layout(state)
         return self._cache_layout
 
 
