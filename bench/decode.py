@@ -41,7 +41,6 @@ from engram.experiments.report import machine_info
 from engram.hashing import HashState, NgramHasher
 from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM, model_preset
-from engram.model.moe import _top_k
 from engram.spec import resolve
 from engram.vocab import compress
 
@@ -149,9 +148,8 @@ def distinct_experts(model: EngramLM, batch: int, prompt: int, steps: int) -> fl
     counts: list[int] = []
 
     def count(moe, inputs, output) -> None:
-        flat = inputs[0].reshape(-1, inputs[0].shape[-1])
-        scores = torch.sigmoid(moe.router(flat).float()) + moe.route_bias
-        counts.append(len(set(_top_k(scores, moe.config.top_k).flatten().tolist())))
+        idx, _ = moe.route(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        counts.append(len(set(idx.flatten().tolist())))
 
     ids, stream = token_stream(batch, prompt, steps)
     cache = model.new_cache(batch, prompt + steps)

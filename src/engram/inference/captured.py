@@ -28,8 +28,6 @@ Legend: B batch, S cache slots, M branches, d width, E experts, k experts per to
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from pathlib import Path
 
 import torch
@@ -39,11 +37,11 @@ from torch import nn
 import engram.inference.captured
 import engram.model.lm
 from engram.hashing import HashState, check_ids
-from engram.inference.compiled import AotFunction, _layout
+from engram.inference.compiled import AotFunction, _layout, _source_digest, _tensor_slots
 from engram.model import EngramLM
 from engram.model.decode_cache import DecodeCache
 from engram.model.layers import Attention
-from engram.model.moe import MoE, _top_k
+from engram.model.moe import MoE
 from engram.vocab import cache_dir
 
 
@@ -59,8 +57,8 @@ class CapturedDecoder:
         self.model = model
         where = Path(directory) if directory is not None else cache_dir() / "aot"
         source = (
-            _digest(engram.inference.captured)
-            + _digest(engram.model.lm)
+            _source_digest(engram.inference.captured)
+            + _source_digest(engram.model.lm)
             + repr(model.config)
             + (model.spec.digest if model.spec is not None else "")
         )
@@ -244,10 +242,7 @@ def _moe(moe: MoE, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
     weights gate_up [E, 2h, d] and down [E, d, h]: no sort, no loop, no read to the host."""
     shape = h.shape
     flat = h.reshape(-1, shape[-1])  # [N, d]
-    scores = torch.sigmoid(moe.router(flat).float())  # [N, E]
-    idx = _top_k(scores + moe.route_bias, moe.config.top_k)  # [N, k]
-    weights = scores.gather(1, idx)
-    weights = (weights / weights.sum(-1, keepdim=True)).to(flat.dtype)
+    idx, weights = moe.route(flat)  # [N, k] each
     hidden = (gate_up[idx] * flat[:, None, None, :]).sum(-1)  # [N, k, 2h]
     gate, up = hidden.chunk(2, dim=-1)
     act = F.silu(gate) * up  # [N, k, h]
@@ -258,32 +253,20 @@ def _moe(moe: MoE, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 
 def _distinct_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer once (a tied weight or a shared module's buffer too), in a
-    fixed order: the inputs `_slots` numbers."""
+    """Every parameter and buffer once (a tied weight too), in a fixed order: the inputs that
+    `_slots` numbers."""
     seen: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for owner in (module._parameters, module._buffers):
-            for t in owner.values():
-                if t is not None:
-                    seen.setdefault(id(t), t)
+    for _, owner, key in _tensor_slots(model):
+        seen.setdefault(id(owner[key]), owner[key])
     return list(seen.values())
 
 
 def _slots(model: nn.Module) -> tuple[list[tuple[dict, str, int]], int]:
     """(owning dict, key, input index) of every place a parameter or buffer sits, each place
-    once, and the number of distinct tensors."""
+    once (a module shared by the blocks is one place), and the number of distinct tensors."""
     index = {id(t): i for i, t in enumerate(_distinct_tensors(model))}
-    places: dict[tuple[int, str], tuple[dict, str, int]] = {}
-    for module in model.modules():
-        for owner in (module._parameters, module._buffers):
-            for key, t in owner.items():
-                if t is not None:
-                    places.setdefault((id(owner), key), (owner, key, index[id(t)]))
-    return list(places.values()), len(index)
-
-
-def _digest(module) -> str:
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+    slots = [(owner, key, index[id(owner[key])]) for _, owner, key in _tensor_slots(model)]
+    return slots, len(index)
 
 
 __all__ = ["CapturedDecoder"]

@@ -73,10 +73,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, d]
 
         # 1. Affinities and top-k selection (bias only for selection): idx, weights [N, k]
-        scores = torch.sigmoid(self.router(flat).float())  # [N, E]
-        idx = _top_k(scores + self.route_bias, self.config.top_k)  # [N, k]
-        weights = scores.gather(1, idx)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        idx, weights = self.route(flat)
 
         # 2. Each expert processes the tokens routed to it: out [N, d]
         out = getattr(self, f"_routed_{self._dispatch(flat)}")(flat, idx, weights)
@@ -87,6 +84,14 @@ class MoE(nn.Module):
         if self.training:
             self.load += torch.bincount(idx.flatten(), minlength=len(self.experts)).float()
         return out.view(shape)
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts idx [N, k] (chosen by affinity plus bias) and their gating
+        weights [N, k] (the affinities alone, normalised) for tokens flat [N, d]."""
+        scores = torch.sigmoid(self.router(flat).float())  # [N, E]
+        idx = _top_k(scores + self.route_bias, self.config.top_k)  # [N, k]
+        weights = scores.gather(1, idx)
+        return idx, (weights / weights.sum(-1, keepdim=True)).to(flat.dtype)
 
     def _dispatch(self, flat: torch.Tensor) -> str:
         if self.dispatch not in (None, "loop", "sorted", "grouped"):
