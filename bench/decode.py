@@ -15,7 +15,9 @@ Two measurements, both with the decoding cache (K/V, N-gram history, conv window
    ops), tests how much of the gap that op dispatch leaves compiling closes. A fourth, the
    compiled model with every Python layer between the model and the compiled code stripped
    (bare calls of the compiled libraries: no id validation, no layout keys, no checks; unsafe,
-   here only), is the floor that any wrapper could reach.
+   here only), is the floor that any wrapper could reach. Last, both models with each whole
+   step captured (`engram.inference.captured`: backbone, Engram and head one compiled call),
+   compared with each other: what Engram costs once neither side pays for op dispatch.
 2. Time per decode step as the context grows from 128 to 4096 tokens, with Engram on and
    switched off on the same cached sequence: (on - off) is the Engram work of a step (hashing
    one token against the N-gram history, one row per head, projections, gate, conv over its
@@ -39,6 +41,7 @@ from gpu_models import share_backbone
 from engram.assembly import get_tokenizer
 from engram.experiments.report import machine_info
 from engram.hashing import HashState, NgramHasher
+from engram.inference.captured import CapturedDecoder
 from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM, model_preset
 from engram.spec import resolve
@@ -106,6 +109,23 @@ def strip_wrappers(model: EngramLM) -> EngramLM:
     return model
 
 
+class Captured:
+    """A model whose one-token steps run captured; a prompt is prefilled by the model itself."""
+
+    def __init__(self, model: EngramLM) -> None:
+        self.model, self.decoder = model, CapturedDecoder(model)
+
+    def new_cache(self, batch: int, capacity: int):
+        cache = self.model.new_cache(batch, capacity)
+        self.decoder.prepare(cache)  # compiled (or loaded) here, outside any timed stretch
+        return cache
+
+    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        if ids.shape[1] > 1:
+            return self.model(ids, cache=cache)
+        return self.decoder(ids, cache)
+
+
 def token_stream(batch: int, prompt: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt [B, prompt] and the tokens fed at each decode step [steps, B, 1]."""
     gen = torch.Generator().manual_seed(0)
@@ -133,10 +153,10 @@ def decode_rate(
     return rates
 
 
-def paired(rates: dict[str, list[float]], name: str) -> dict[str, float]:
+def paired(rates: dict[str, list[float]], name: str, baseline: str = "without") -> dict:
     """Median and quartiles of `name`'s rate over the baseline's in the same round: a slow
     stretch of this shared machine slows both models of a round, so their ratio keeps."""
-    ratios = [a / b for a, b in zip(rates[name], rates["without"], strict=True)]
+    ratios = [a / b for a, b in zip(rates[name], rates[baseline], strict=True)]
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return {"median": median, "q1": q1, "q3": q3}
 
@@ -233,6 +253,8 @@ def main() -> None:
         # Compiled (or loaded from the cache) in decode_rate's warm-up round.
         "with_aot": compile_decoding(with_engram()),
         "with_floor": strip_wrappers(compile_decoding(with_engram())),
+        "captured_with": Captured(with_engram()),
+        "captured_without": Captured(without),
     }
     own_backbone = build(True, tok, vocab, max_len)  # the control's counterpart, not timed
 
@@ -241,6 +263,8 @@ def main() -> None:
         rounds = decode_rate(models, batch, 128, args.steps, args.repeats)
         rate = {name: statistics.median(v) for name, v in rounds.items()}
         pairs = {name: paired(rounds, name) for name in ("with", "with_aot", "with_floor")}
+        pairs["captured"] = paired(rounds, "captured_with", "captured_without")
+        pairs["captured_vs_eager_without"] = paired(rounds, "captured_without")
         ratio = rate["with"] / rate["without"]
         aot = rate["with_aot"] / rate["without"]
         floor = rate["with_floor"] / rate["without"]
@@ -257,6 +281,7 @@ def main() -> None:
             "ratio": ratio,
             "ratio_aot": aot,
             "ratio_floor": floor,
+            "ratio_captured": rate["captured_with"] / rate["captured_without"],
             "paired_ratios": pairs,
             "routing": {"distinct_experts_per_layer_step": routing},
         }
@@ -264,6 +289,10 @@ def main() -> None:
             f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
             f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f}; "
             f"bare compiled calls, the floor: {floor:.3f})"
+        )
+        print(
+            f"  captured: with Engram {rate['captured_with']:8.1f} tok/s, without "
+            f"{rate['captured_without']:8.1f} tok/s"
         )
         print(
             "  paired by round, median [quartiles]: "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engram.hashing import NgramHasher
+from engram.inference import SamplingConfig, generate
 from engram.inference.captured import CapturedDecoder
 from engram.model import EngramLM, model_preset
 from engram.spec import resolve
@@ -19,6 +20,7 @@ from engram.vocab import compress
 
 ATOL = 1e-5  # test_compiled_decoding's bar: fused float arithmetic, not other sums
 B = 2
+SLOTS = 32  # every test's cache: one compiled layout, what generate() rounds 17-32 tokens to
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def _ids(model: EngramLM) -> torch.Tensor:
 def test_captured_steps_match_the_models_decoding(model, packages):
     decoder = CapturedDecoder(model, packages)
     ids = _ids(model)
-    eager, captured = model.new_cache(B, 20), model.new_cache(B, 20)
+    eager, captured = model.new_cache(B, SLOTS), model.new_cache(B, SLOTS)
     model(ids[:, :4], cache=eager)
     model(ids[:, :4], cache=captured)
     for t in range(4, ids.shape[1]):
@@ -75,7 +77,7 @@ def test_captured_steps_match_the_models_decoding(model, packages):
 def test_the_weights_are_a_snapshot_until_refresh(model, packages):
     decoder = CapturedDecoder(model, packages)
     ids = _ids(model)
-    caches = [model.new_cache(B, 20) for _ in range(3)]
+    caches = [model.new_cache(B, SLOTS) for _ in range(3)]
     for cache in caches:  # prefilled alike, before any change
         model(ids[:, :4], cache=cache)
     before = decoder(ids[:, 4:5], caches[0])
@@ -105,3 +107,33 @@ def test_bad_calls_are_refused(model, packages):
     cache.length = 5
     with pytest.raises(ValueError, match="room for 5 tokens"):
         decoder(torch.zeros(B, 1, dtype=torch.int64), cache)
+
+
+@torch.inference_mode()
+def test_generate_with_the_decoder_gives_the_eager_tokens(model, packages):
+    """Prompts of two lengths (left padding) and a row that ends at an EOS mid-way while the
+    other goes on: the finished row decodes padding unseen and the other's tokens do not move."""
+    decoder = CapturedDecoder(model, packages)
+    prompts = _ids(model)[:, :9].tolist()
+    prompts[1] = prompts[1][:5]
+    cfg = SamplingConfig(max_new_tokens=12)  # 9 + 12 tokens: 32 slots
+    free = generate(model, prompts, cfg, eos_id=None)
+    eos = free.tokens[0][3]  # row 0 ends at its 4th token (not seen before it), row 1 goes on
+    want = generate(model, prompts, cfg, eos_id=eos)
+    got = generate(model, prompts, cfg, eos_id=eos, decoder=decoder)
+    assert want.tokens[0] == free.tokens[0][:4] and len(want.tokens[1]) > 4
+    assert got.tokens == want.tokens and got.finished == want.finished
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
+    assert (
+        generate(model, prompts, sampled, decoder=decoder).tokens
+        == generate(model, prompts, sampled).tokens
+    )
+
+
+def test_generate_refuses_a_decoder_it_cannot_use(model, packages):
+    decoder = CapturedDecoder(model, packages)
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        generate(model, [[1] * 250], SamplingConfig(max_new_tokens=10), decoder=decoder)
+    other = EngramLM(model.config.with_(engram=None)).eval()
+    with pytest.raises(ValueError, match="another model"):
+        generate(other, [[1, 2]], SamplingConfig(max_new_tokens=2), decoder=decoder)

@@ -261,7 +261,12 @@ def test_generate_cli(trained, tmp_path, capsys):
         mp.setenv("ENGRAM_CACHE_DIR", str(tmp_path / "cache"))
         argv = ["generate", "--ckpt", str(trained), "--prompt", "def f(", "--max-new-tokens", "5"]
         assert main([*argv, "--compile"]) == 0
-    assert capsys.readouterr().out == out.out
+        assert capsys.readouterr().out == out.out
+        # --capture: each whole decode step one compiled call (engram.inference.captured).
+        assert main([*argv, "--capture"]) == 0
+        assert capsys.readouterr().out == out.out
+        with pytest.raises(SystemExit, match="2"):  # one or the other: argparse refuses
+            main([*argv, "--capture", "--compile"])
     assert list((tmp_path / "cache" / "aot").glob("engram-step-*.pt2"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\n")

@@ -246,6 +246,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from engram.inference.compiled import compile_decoding
 
         compile_decoding(model, batch_size=len(prompts))
+    decoder = None
+    if args.capture:
+        from engram.inference.captured import CapturedDecoder
+
+        decoder = CapturedDecoder(model)
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -260,7 +265,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("a prompt encodes to no tokens")
     stream = _Streamer(tok, prompts[0]) if len(prompts) == 1 else None
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    gen = generate(model, ids, cfg, tok.eos_id, pad, stream)
+    if decoder is not None:
+        print(
+            "capturing the decode step: minutes the first time for this batch size and cache "
+            "size, then read from disk",
+            file=sys.stderr,
+        )
+    gen = generate(model, ids, cfg, tok.eos_id, pad, stream, decoder)
     if stream is not None:
         stream.flush()
     else:
@@ -454,10 +465,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-chunk", type=int, default=0, help="0: the whole prompt at once")
     p.add_argument("--device", default="auto")
-    p.add_argument(
+    fast = p.add_mutually_exclusive_group()
+    fast.add_argument(
         "--compile",
         action="store_true",
         help="AOT-compile Engram's decode step (seconds the first time, then cached on disk)",
+    )
+    fast.add_argument(
+        "--capture",
+        action="store_true",
+        help="AOT-compile each whole decode step, backbone and Engram (experimental; minutes "
+        "the first time, then cached on disk)",
     )
     p.set_defaults(func=cmd_generate)
 

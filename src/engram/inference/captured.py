@@ -19,9 +19,11 @@ step in three places, each with the same sums up to rounding (tests/test_capture
 `CapturedDecoder(model)` holds a snapshot of the weights: the parameters as they are when it is
 built or `refresh()`ed, and the stacked experts copied then. Decode with `decoder(ids, cache)`
 on a cache from `model.new_cache`, after a prefill through the model itself; it returns the
-step's logits and advances the cache as `model(ids, cache=cache)` would. A chunk of more than one
-token, or one with padding, stays with the model. Packages are compiled per layout (batch size,
-cache capacity, dtypes) and kept with those of `engram.inference.compiled`.
+step's logits and advances the cache as `model(ids, cache=cache)` would; `prepare(cache)`
+compiles ahead of the first step. A chunk of more than one token, or one with padding, stays
+with the model. `engram.inference.generate(..., decoder=...)` decodes with it. Packages are
+compiled per layout (batch size, cache capacity, dtypes) and kept with those of
+`engram.inference.compiled`.
 
 Legend: B batch, S cache slots, M branches, d width, E experts, k experts per token, V vocabulary.
 """
@@ -92,15 +94,24 @@ class CapturedDecoder:
         top = model.config.max_seq_len
         if cache.length + 1 > top and int(cache.positions.max()) >= top:
             raise ValueError(f"position {int(cache.positions.max())} exceeds max_seq_len={top}")
-        state = self._cache_tensors(cache)
-        length = torch.tensor(cache.length, dtype=torch.int64, device=ids.device)
-        inputs = [ids.contiguous(), length, *state]
-        layout = (self._weights_layout, self._layout_of(state), _layout(inputs[:2]))
-        logits, history = self.function(layout, [*self._weights, *inputs])
+        logits, history = self.function(*self._inputs(ids, cache))
         if cache.hash_state is not None:
             cache.hash_state = HashState(history, cache.hash_state.pad_id)
         cache.length += 1
         return logits
+
+    def prepare(self, cache: DecodeCache) -> None:
+        """Load, or compile, the package for `cache`'s layout now, so that no step waits for it."""
+        ids = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=cache.valid.device)
+        self.function.prepare(*self._inputs(ids, cache))
+
+    def _inputs(self, ids: torch.Tensor, cache: DecodeCache) -> tuple[tuple, list[torch.Tensor]]:
+        """The compiled function's layout key and inputs: the weights, then the step's."""
+        state = self._cache_tensors(cache)
+        length = torch.tensor(cache.length, dtype=torch.int64, device=ids.device)
+        inputs = [ids.contiguous(), length, *state]
+        layout = (self._weights_layout, self._layout_of(state), _layout(inputs[:2]))
+        return layout, [*self._weights, *inputs]
 
     def _cache_tensors(self, cache: DecodeCache) -> list[torch.Tensor]:
         history = cache.hash_state.history if cache.hash_state is not None else None

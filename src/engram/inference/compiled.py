@@ -105,8 +105,14 @@ class AotFunction:
     def __call__(self, layout: Layout, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         run = self._runners.get(layout)
         if run is None:
-            run = self._runners[layout] = self._load(layout, tensors)
+            run = self.prepare(layout, tensors)
         return run(tensors)
+
+    def prepare(self, layout: Layout, tensors: list[torch.Tensor]) -> Callable:
+        """The runner for `layout`, loaded or compiled now (`tensors` are only examples)."""
+        if layout not in self._runners:
+            self._runners[layout] = self._load(layout, tensors)
+        return self._runners[layout]
 
     def package(self, layout: Layout, tensors: list[torch.Tensor]) -> Path:
         """Where the package for `layout` lives. The key holds the instruction sets it was

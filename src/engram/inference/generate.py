@@ -6,6 +6,13 @@ history and the Engram conv windows, so a step costs the same whatever the conte
 gives the logits the full forward would. A sequence that has finished (EOS, or its budget)
 feeds padding from then on, which leaves its state untouched.
 
+With a `CapturedDecoder` (`engram.inference.captured`), each one-token step is one compiled
+call. A captured step has no padding mask, so a finished row goes on decoding its padding: its
+own cache changes, which nobody reads, and the other rows are untouched (rows of a batch never
+mix). So the tokens are those of the eager loop, up to the rounding of compiled arithmetic. The
+cache's capacity is rounded up to a power of two, so that a few compiled layouts serve every
+prompt length.
+
 Legend: B sequences, T prompt length, V vocabulary.
 """
 
@@ -14,10 +21,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engram.model import EngramLM
+
+if TYPE_CHECKING:  # compiling is optional: plain generation does not import it
+    from engram.inference.captured import CapturedDecoder
 
 
 @dataclass(frozen=True)
@@ -104,16 +115,22 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
+    decoder: CapturedDecoder | None = None,
 ) -> Generation:
-    """Continue every prompt (lists of token ids); `on_token(row, id)` streams each new token."""
+    """Continue every prompt (lists of token ids); `on_token(row, id)` streams each new token.
+    `decoder`, a CapturedDecoder of `model`, runs the one-token steps (see the module doc)."""
     cfg.validate()
+    if decoder is not None and decoder.model is not model:
+        raise ValueError("the decoder was captured from another model")
     model.eval()
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, T = ids.shape
-    cache = model.new_cache(B, T + cfg.max_new_tokens)
+    cache = model.new_cache(B, _capacity(T + cfg.max_new_tokens, model, decoder))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if decoder is not None:  # before the clock starts: a first compile takes minutes
+        decoder.prepare(cache)
 
     start = time.perf_counter()
     chunk = cfg.prefill_chunk or T
@@ -136,6 +153,9 @@ def generate(
         if bool(done.all()) or steps == cfg.max_new_tokens:
             break  # no forward for a token nobody will read
         token = torch.where(done, pad_id, token)
+        if decoder is not None:
+            last = decoder(token[:, None], cache)[:, -1]
+            continue
         # Until a row finishes there is no padding: the plain step, without the mask's work.
         step_mask = ~done[:, None] if bool(done.any()) else None
         last = model(token[:, None], cache=cache, attention_mask=step_mask)[:, -1]
@@ -143,6 +163,21 @@ def generate(
     return Generation(
         out, int(mask.sum()), prefill_s, decode_s, steps, [bool(d) for d in done.tolist()]
     )
+
+
+def _capacity(needed: int, model: EngramLM, decoder: CapturedDecoder | None) -> int:
+    """The cache's capacity: what the tokens need, or for a captured decoder (compiled per
+    capacity) the next power of two. A finished row's positions go on counting under a
+    captured decoder, so its tokens must all fit below max_seq_len."""
+    if decoder is None:
+        return needed
+    top = model.config.max_seq_len
+    if needed > top:
+        raise ValueError(
+            f"the longest prompt plus max_new_tokens is {needed} tokens, over the model's "
+            f"max_seq_len={top}: a captured decoder needs them all to fit"
+        )
+    return min(top, 1 << (needed - 1).bit_length())
 
 
 __all__ = ["Generation", "SamplingConfig", "generate", "left_pad", "sample_next"]
