@@ -17,7 +17,8 @@ Two measurements, both with the decoding cache (K/V, N-gram history, conv window
    (bare calls of the compiled libraries: no id validation, no layout keys, no checks; unsafe,
    here only), is the floor that any wrapper could reach. Last, both models with each whole
    step captured (`engram.inference.captured`: backbone, Engram and head one compiled call),
-   compared with each other: what Engram costs once neither side pays for op dispatch.
+   compared with each other in rounds of their own: what Engram costs once neither side pays
+   for op dispatch. Their steps are short, so they get many more rounds.
 2. Time per decode step as the context grows from 128 to 4096 tokens, with Engram on and
    switched off on the same cached sequence: (on - off) is the Engram work of a step (hashing
    one token against the N-gram history, one row per head, projections, gate, conv over its
@@ -234,6 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=30)  # four models: noise needs many rounds
+    ap.add_argument("--captured-repeats", type=int, default=200)  # rounds of the captured pair
     ap.add_argument("--contexts", default="128,512,1024,2048,4096")
     ap.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
     args = ap.parse_args()
@@ -253,14 +255,14 @@ def main() -> None:
         # Compiled (or loaded from the cache) in decode_rate's warm-up round.
         "with_aot": compile_decoding(with_engram()),
         "with_floor": strip_wrappers(compile_decoding(with_engram())),
-        "captured_with": Captured(with_engram()),
-        "captured_without": Captured(without),
     }
+    captured = {"captured_with": Captured(with_engram()), "captured_without": Captured(without)}
     own_backbone = build(True, tok, vocab, max_len)  # the control's counterpart, not timed
 
     results: dict = {"decode": {}}
     for batch in (1, 8):
         rounds = decode_rate(models, batch, 128, args.steps, args.repeats)
+        rounds |= decode_rate(captured, batch, 128, args.steps, args.captured_repeats)
         rate = {name: statistics.median(v) for name, v in rounds.items()}
         pairs = {name: paired(rounds, name) for name in ("with", "with_aot", "with_floor")}
         pairs["captured"] = paired(rounds, "captured_with", "captured_without")
@@ -323,6 +325,7 @@ def main() -> None:
             "prompt": 128,
             "steps": args.steps,
             "repeats": args.repeats,
+            "captured_repeats": args.captured_repeats,
             "contexts": contexts,
             "tokenizer": "bpe:4096",
             "backbone": "shared",
