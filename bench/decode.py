@@ -37,12 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_models import share_backbone
+from gpu_models import Captured, share_backbone
 
 from engram.assembly import get_tokenizer
 from engram.experiments.report import machine_info
 from engram.hashing import HashState, NgramHasher
-from engram.inference.captured import CapturedDecoder
 from engram.inference.compiled import compile_decoding
 from engram.model import EngramLM, model_preset
 from engram.spec import resolve
@@ -108,23 +107,6 @@ def strip_wrappers(model: EngramLM) -> EngramLM:
         engram.forward = forward_of(layer, engram)
     hasher.step = step
     return model
-
-
-class Captured:
-    """A model whose one-token steps run captured; a prompt is prefilled by the model itself."""
-
-    def __init__(self, model: EngramLM) -> None:
-        self.model, self.decoder = model, CapturedDecoder(model)
-
-    def new_cache(self, batch: int, capacity: int):
-        cache = self.model.new_cache(batch, capacity)
-        self.decoder.prepare(cache)  # compiled (or loaded) here, outside any timed stretch
-        return cache
-
-    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        if ids.shape[1] > 1:
-            return self.model(ids, cache=cache)
-        return self.decoder(ids, cache)
 
 
 def token_stream(batch: int, prompt: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

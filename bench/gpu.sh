@@ -7,6 +7,11 @@
 #
 #   bash bench/gpu.sh               # on the GPU machine, with its own python3 and torch
 #   bash bench/gpu.sh --cpu-smoke   # the same steps at tiny sizes on this CPU (< 1 minute)
+#   bash bench/gpu.sh --captured    # a second call: whole decode steps captured, CUDA graphs
+#
+# `--captured` runs the captured decoder's CUDA tests and bench/gpu_decode.py with its captured
+# pair at batch 1 (gpu_decode_captured.json): the first compile of the `gpu` preset's whole
+# step takes minutes, so it is a call of its own (at most 420 s), after the first.
 #
 # The `gpu` preset uses the DeepSeek tokenizer, whose package the GPU image lacks: run
 # `make devdeps` here once and name .devdeps in the device tool's `carry`.
@@ -17,11 +22,14 @@
 set -uo pipefail
 
 mode=gpu
-case "${1:-}" in
-  "") ;;
-  --cpu-smoke) mode=cpu ;;
-  *) echo "usage: bash bench/gpu.sh [--cpu-smoke]" >&2; exit 2 ;;
-esac
+part=main
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) mode=cpu ;;
+    --captured) part=captured ;;
+    *) echo "usage: bash bench/gpu.sh [--cpu-smoke] [--captured]" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d -t engram-gpu.XXXXXX)}
 mkdir -p "$OUT"
@@ -81,11 +89,13 @@ print(json.dumps(record))
 EOF
 }
 
+# run_tests SECONDS FILE...: the CUDA-only tests of those files.
 run_tests() {
-  local xml
+  local xml limit=$1
+  shift
   xml=$(mktemp)
-  timeout -k 10 "$1" "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or accelerator" \
-    --junitxml "$xml" "${CUDA_TESTS[@]}"
+  timeout -k 10 "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or accelerator" \
+    --junitxml "$xml" "$@"
   local rc=$?
   tests_json "$xml" "$rc"
   rm -f "$xml"
@@ -93,7 +103,7 @@ run_tests() {
 }
 
 main() {
-  echo "engram bench/gpu.sh: mode $mode, OUT=$OUT, commit $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "engram bench/gpu.sh: mode $mode, part $part, OUT=$OUT, commit $(git rev-parse --short HEAD 2>/dev/null)"
   [ "$mode" = gpu ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'available', torch.cuda.is_available())"
@@ -102,13 +112,20 @@ main() {
     echo "no CUDA device here: bash bench/gpu.sh --cpu-smoke runs the same steps on a CPU"
     return 2
   fi
-  step "CUDA tests" run_tests 170
-  step "training tokens/s, with and without Engram" timeout -k 10 180 "$PYTHON" \
-    bench/gpu_train.py "${train_sizes[@]}" --device "$device" --precision bf16 --fused \
-    --out "$OUT/gpu_train.json"
-  step "decode tokens/s, with and without Engram, batch 1" timeout -k 10 150 "$PYTHON" \
-    bench/gpu_decode.py "${decode_sizes[@]}" --device "$device" --batch 1 \
-    --out "$OUT/gpu_decode.json"
+  if [ "$part" = captured ]; then
+    step "CUDA tests of the captured decoder" run_tests 150 tests/test_captured_decoding.py
+    step "decode tokens/s, with and without Engram, batch 1, captured" timeout -k 10 260 \
+      "$PYTHON" bench/gpu_decode.py "${decode_sizes[@]}" --device "$device" --batch 1 \
+      --captured --out "$OUT/gpu_decode_captured.json"
+  else
+    step "CUDA tests" run_tests 170 "${CUDA_TESTS[@]}"
+    step "training tokens/s, with and without Engram" timeout -k 10 180 "$PYTHON" \
+      bench/gpu_train.py "${train_sizes[@]}" --device "$device" --precision bf16 --fused \
+      --out "$OUT/gpu_train.json"
+    step "decode tokens/s, with and without Engram, batch 1" timeout -k 10 150 "$PYTHON" \
+      bench/gpu_decode.py "${decode_sizes[@]}" --device "$device" --batch 1 \
+      --out "$OUT/gpu_decode.json"
+  fi
   if [ "${#failed[@]}" -gt 0 ]; then
     printf '== failed: %s\n' "${failed[@]}"
     return 1

@@ -10,7 +10,9 @@ device; medians are reported. At batch 1 a step is a chain of small kernels, so 
 per-step overhead more than arithmetic. Then, on one cached sequence of the Engram model,
 steps with Engram on and switched off alternate: the difference is Engram's share of a step
 (bench/decode.py does the same on a CPU for the `demo` preset over contexts). A third arm is the
-Engram model with its decode steps AOT-compiled (`engram.inference.compiled`).
+Engram model with its decode steps AOT-compiled (`engram.inference.compiled`). With
+`--captured`, two more: both models with each whole step captured (`engram.inference.captured`),
+on CUDA replayed as CUDA graphs, checked against the eager models' logits before they are timed.
 
 The last line of output is one JSON record (also written to --out).
 """
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from gpu_models import ARMS, interleaved, model_pair, record, timed, write
+from gpu_models import ARMS, Captured, interleaved, model_pair, record, timed, write
 
 from engram.assembly import pick_device
 from engram.inference.compiled import compile_decoding
@@ -40,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--captured", action="store_true", help="add the captured pair")
     ap.add_argument("--out", type=Path, default=Path("bench/results/gpu_decode.json"))
     args = ap.parse_args()
     if min(args.batch, args.prompt, args.steps, args.repeats) < 1:
@@ -61,6 +64,20 @@ def decode_seconds(model: EngramLM, prompt: torch.Tensor, stream: torch.Tensor) 
             model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
 
     return timed(loop, prompt.device)
+
+
+@torch.no_grad()
+def captured_error(
+    model: EngramLM, captured: Captured, prompt: torch.Tensor, stream: torch.Tensor
+) -> float:
+    """The largest logit difference between the model's cached decoding and its captured
+    steps over `stream`, fed alike."""
+    caches = [model.new_cache(prompt.shape[0], prompt.shape[1] + stream.shape[0]) for _ in "ab"]
+    model(prompt, cache=caches[0])
+    captured(prompt, caches[1])
+    return max(
+        float((model(t, cache=caches[0]) - captured(t, caches[1])).abs().max()) for t in stream
+    )
 
 
 @torch.no_grad()
@@ -101,6 +118,12 @@ def main() -> None:
     # before the clock, or loaded from the cache of an earlier run).
     models["with_compiled"] = compile_decoding(copy.deepcopy(models["with"]), args.batch)
     arms = (*ARMS, "with_compiled")
+    errors = {}
+    if args.captured:  # compiled here (minutes the first time), then checked
+        for arm in ARMS:
+            models[f"captured_{arm}"] = Captured(models[arm], cuda_graph=device.type == "cuda")
+            errors[arm] = captured_error(models[arm], models[f"captured_{arm}"], prompt, stream)
+        arms = (*arms, "captured_without", "captured_with")
     seconds = interleaved(
         lambda arm: decode_seconds(models[arm], prompt, stream), 1, args.repeats, arms
     )
@@ -117,11 +140,21 @@ def main() -> None:
     results["ratio_compiled"] = (
         results["with_compiled"]["tokens_per_s"] / results["without"]["tokens_per_s"]
     )
+    if args.captured:
+        results["ratio_captured"] = (
+            results["captured_with"]["tokens_per_s"] / results["captured_without"]["tokens_per_s"]
+        )
+        results["captured_max_logit_error"] = errors
     results["engram_step"] = engram_share(models["with"], prompt, share_repeats)
     print(f"decode, batch {args.batch}, {args.prompt}-token prompt, {args.steps} steps:")
     for arm in arms:
         r = results[arm]
-        print(f"  {arm:<13} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step")
+        print(f"  {arm:<16} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step")
+    if args.captured:
+        print(
+            f"  captured with/without: {results['ratio_captured']:.3f}; largest logit "
+            f"difference from the eager models: {errors}"
+        )
     e = results["engram_step"]
     print(
         f"  ratio with/without: {results['ratio']:.3f} (compiled {results['ratio_compiled']:.3f});"
@@ -138,6 +171,8 @@ def main() -> None:
         "prompt": args.prompt,
         "steps": args.steps,
         "repeats": args.repeats,
+        "captured": args.captured,
+        "cuda_graph": args.captured and device.type == "cuda",
     }
     write(record("gpu_decode", device, config, results), args.out)
 

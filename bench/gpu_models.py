@@ -18,6 +18,7 @@ import torch
 
 from engram.assembly import build_model, get_tokenizer
 from engram.experiments.report import machine_info
+from engram.inference.captured import CapturedDecoder
 from engram.model import EngramLM, model_preset
 from engram.tokenizer import Tokenizer
 
@@ -63,6 +64,26 @@ def share_backbone(with_engram: EngramLM, without: EngramLM) -> EngramLM:
     if unexpected or strays:
         raise ValueError(f"not the same backbone: {unexpected or strays}")
     return with_engram
+
+
+class Captured:
+    """A model whose one-token steps run captured (`engram.inference.captured`; on CUDA with
+    `cuda_graph`, replayed as CUDA graphs); a prompt is prefilled by the model itself."""
+
+    def __init__(self, model: EngramLM, cuda_graph: bool = False) -> None:
+        self.model, self.decoder = model, CapturedDecoder(model, cuda_graph=cuda_graph)
+
+    def new_cache(self, batch: int, capacity: int):
+        return self.model.new_cache(batch, capacity)
+
+    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        if ids.shape[1] == 1:
+            return self.decoder(ids, cache)
+        logits = self.model(ids, cache=cache)
+        # Bound to the prefilled cache here, outside the decode's clock: the first time a
+        # package compiles, and on CUDA a graph is recorded.
+        self.decoder.prepare(cache)
+        return logits
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,6 +8,8 @@ inside the decoded tokens. A compile takes seconds, so the packages are shared b
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -48,10 +50,23 @@ def _ids(model: EngramLM) -> torch.Tensor:
     return ids
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "device, graph",
+    [
+        ("cpu", False),
+        pytest.param("cuda", False, marks=CUDA),
+        pytest.param("cuda", True, marks=CUDA, id="cuda-graph"),
+    ],
+)
 @torch.inference_mode()
-def test_captured_steps_match_the_models_decoding(model, packages):
-    decoder = CapturedDecoder(model, packages)
-    ids = _ids(model)
+def test_captured_steps_match_the_models_decoding(model, packages, device, graph):
+    if device != "cpu":
+        model = copy.deepcopy(model).to(device)
+    decoder = CapturedDecoder(model, packages, cuda_graph=graph)
+    ids = _ids(model).to(device)
     eager, captured = model.new_cache(B, SLOTS), model.new_cache(B, SLOTS)
     model(ids[:, :4], cache=eager)
     model(ids[:, :4], cache=captured)
@@ -71,6 +86,23 @@ def test_captured_steps_match_the_models_decoding(model, packages):
     # The model's state is untouched by tracing: it still decodes as before.
     last = ids[:, -1:]
     assert torch.allclose(model(last, cache=eager), model(last, cache=captured), atol=ATOL)
+
+
+@torch.inference_mode()
+def test_steps_of_the_model_and_the_decoder_mix(model, packages):
+    """A step of the model between captured ones replaces cache tensors (the N-gram history):
+    the decoder binds to the new ones, and the steps are those of the model alone."""
+    decoder = CapturedDecoder(model, packages)
+    ids = _ids(model)
+    eager, mixed = model.new_cache(B, SLOTS), model.new_cache(B, SLOTS)
+    model(ids[:, :4], cache=eager)
+    model(ids[:, :4], cache=mixed)
+    for t in range(4, ids.shape[1]):
+        want = model(ids[:, t : t + 1], cache=eager)
+        step = decoder if t % 3 else lambda x, cache: model(x, cache=cache)
+        got = step(ids[:, t : t + 1], mixed)
+        assert torch.allclose(got, want, atol=ATOL), (t, (got - want).abs().max())
+    assert torch.equal(mixed.hash_state.history, eager.hash_state.history)
 
 
 @torch.inference_mode()

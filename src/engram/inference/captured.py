@@ -25,6 +25,12 @@ with the model. `engram.inference.generate(..., decoder=...)` decodes with it. P
 compiled per layout (batch size, cache capacity, dtypes) and kept with those of
 `engram.inference.compiled`.
 
+The decoder binds a package to one cache's tensors: the inputs are listed once, and a step
+writes only its ids, the cache's length and the new N-gram history into tensors that stay put
+(the cache's history is the decoder's own from the first step). A new cache, or a step of the
+model that replaced one of its tensors, binds anew. On CUDA, `cuda_graph=True` records each
+binding as a CUDA graph and replays it: one launch per step instead of one per kernel.
+
 Legend: B batch, S cache slots, M branches, d width, E experts, k experts per token, V vocabulary.
 """
 
@@ -50,13 +56,15 @@ from engram.vocab import cache_dir
 class CapturedDecoder:
     """One-token decode steps of `model`, each one AOT-compiled call (see the module doc)."""
 
-    def __init__(self, model: EngramLM, directory: Path | str | None = None) -> None:
+    def __init__(
+        self, model: EngramLM, directory: Path | str | None = None, cuda_graph: bool = False
+    ) -> None:
         if any(memory.row_source is not None for memory in model.engram_layers):
             raise ValueError(
                 "a table read through a row source (host or disk placement) cannot be captured: "
                 "decode with the model itself"
             )
-        self.model = model
+        self.model, self.cuda_graph = model, cuda_graph
         where = Path(directory) if directory is not None else cache_dir() / "aot"
         source = (
             _source_digest(engram.inference.captured)
@@ -72,8 +80,7 @@ class CapturedDecoder:
         """Take a new snapshot of the model's weights (after training or loading them)."""
         self._weights = self._step.weights()
         self._weights_layout = _layout(self._weights)
-        self._cache_seen: list[torch.Tensor] = []
-        self._cache_layout: tuple = ()
+        self._bound: _Bound | None = None
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
@@ -94,40 +101,87 @@ class CapturedDecoder:
         top = model.config.max_seq_len
         if cache.length + 1 > top and int(cache.positions.max()) >= top:
             raise ValueError(f"position {int(cache.positions.max())} exceeds max_seq_len={top}")
-        logits, history = self.function(*self._inputs(ids, cache))
-        if cache.hash_state is not None:
-            cache.hash_state = HashState(history, cache.hash_state.pad_id)
+        logits = self._bind(cache)(ids, cache.length)
         cache.length += 1
         return logits
 
+    @torch.inference_mode()
     def prepare(self, cache: DecodeCache) -> None:
         """Load, or compile, the package for `cache`'s layout now, so that no step waits for it."""
-        ids = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=cache.valid.device)
-        self.function.prepare(*self._inputs(ids, cache))
+        self._bind(cache)
 
-    def _inputs(self, ids: torch.Tensor, cache: DecodeCache) -> tuple[tuple, list[torch.Tensor]]:
-        """The compiled function's layout key and inputs: the weights, then the step's."""
+    def _bind(self, cache: DecodeCache) -> _Bound:
+        """The compiled step bound to `cache`'s tensors, bound anew when one of them is not the
+        object it was (another cache, or a step of the model that replaced a tensor)."""
+        if self._bound is not None and self._bound.fits(self._cache_tensors(cache)):
+            return self._bound
+        if cache.hash_state is not None:  # ours to update in place from now on
+            history = cache.hash_state.history.clone(memory_format=torch.contiguous_format)
+            cache.hash_state = HashState(history, cache.hash_state.pad_id)
         state = self._cache_tensors(cache)
-        length = torch.tensor(cache.length, dtype=torch.int64, device=ids.device)
-        inputs = [ids.contiguous(), length, *state]
-        layout = (self._weights_layout, self._layout_of(state), _layout(inputs[:2]))
-        return layout, [*self._weights, *inputs]
+        device = cache.valid.device
+        ids = torch.zeros(cache.batch_size, 1, dtype=torch.int64, device=device)
+        length = torch.zeros((), dtype=torch.int64, device=device)
+        layout = (self._weights_layout, _layout(state), _layout([ids, length]))
+        run = self.function.prepare(layout, [*self._weights, ids, length, *state])
+        history = state[-1] if cache.hash_state is not None else None
+        graph = self.cuda_graph and device.type == "cuda"
+        self._bound = _Bound(run, self._weights, [ids, length, *state], history, graph)
+        return self._bound
 
     def _cache_tensors(self, cache: DecodeCache) -> list[torch.Tensor]:
-        history = cache.hash_state.history if cache.hash_state is not None else None
         tensors = [*cache.keys, *cache.values, cache.valid, cache.positions, cache.last_eos]
         tensors += [cache.conv[layer] for layer in self._step.conv_layers]
-        if history is not None:
-            tensors.append(history.contiguous())
+        if cache.hash_state is not None:
+            tensors.append(cache.hash_state.history)
         return tensors
 
-    def _layout_of(self, state: list[torch.Tensor]) -> tuple:
-        """The cache tensors' layout, recomputed only when one of them is a new object. The
-        tensors last seen are held, so that no new tensor can take the identity of a freed one."""
-        seen = self._cache_seen
-        if len(seen) != len(state) or any(a is not b for a, b in zip(seen, state, strict=True)):
-            self._cache_seen, self._cache_layout = state, _layout(state)
-        return self._cache_layout
+
+class _Bound:
+    """One layout's compiled step bound to one cache's tensors. The inputs are listed once;
+    each step writes its ids and the cache's length into buffers of their own, and the new
+    N-gram history into the cache's, so that every step reads the same tensors. On CUDA, with
+    `cuda_graph`, the call is recorded once as a CUDA graph and replayed: one launch a step."""
+
+    def __init__(self, run, weights: list, step: list, history, graph: bool) -> None:
+        self.run, self.weights, self.step, self.history = run, weights, step, history
+        self.ids, self.length, *self.state = step
+        self.inputs = [*weights, *step]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            self._record()
+
+    def fits(self, state: list[torch.Tensor]) -> bool:
+        return len(state) == len(self.state) and all(
+            a is b for a, b in zip(state, self.state, strict=True)
+        )
+
+    def __call__(self, ids: torch.Tensor, length: int) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.length.fill_(length)
+        if self.graph is None:
+            logits, history = self.run(self.inputs)
+        else:
+            self.graph.replay()
+            logits, history = self.outputs
+            logits = logits.clone()  # the graph's own buffer: the next replay overwrites it
+        if self.history is not None:
+            self.history.copy_(history)
+        return logits
+
+    def _record(self) -> None:
+        """Record the step as a CUDA graph. Recording launches nothing, but the first run of a
+        package initialises libraries, which a recording may not do: so a run first, on copies
+        of the step's inputs (a run on the cache itself would advance it)."""
+        scratch = [*self.weights, *(t.clone() for t in self.step)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.run(scratch)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.run(self.inputs)
 
 
 class _Step(nn.Module):

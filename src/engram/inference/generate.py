@@ -129,8 +129,6 @@ def generate(
     B, T = ids.shape
     cache = model.new_cache(B, _capacity(T + cfg.max_new_tokens, model, decoder))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    if decoder is not None:  # before the clock starts: a first compile takes minutes
-        decoder.prepare(cache)
 
     start = time.perf_counter()
     chunk = cfg.prefill_chunk or T
@@ -138,6 +136,8 @@ def generate(
         logits = model(ids[:, a : a + chunk], cache=cache, attention_mask=mask[:, a : a + chunk])
     last = logits[:, -1]  # left padding: the last column is every prompt's last real token
     prefill_s = time.perf_counter() - start
+    if decoder is not None:  # bound to the prefilled cache off the clock: a compile takes minutes
+        decoder.prepare(cache)
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
