@@ -213,6 +213,57 @@ def op_counts(model: EngramLM, batch: int = 1) -> dict[str, int]:
     return {**counts, "engram": counts["on"] - counts["off"]}
 
 
+def summarise(rounds: dict[str, list[float]], routing: dict[str, float]) -> dict:
+    """One batch size's record: median tokens/s of each model, the ratios to the model
+    without Engram (of medians, and paired by round), and the routing check."""
+    rate = {name: statistics.median(v) for name, v in rounds.items()}
+    pairs = {name: paired(rounds, name) for name in ("with", "with_aot", "with_floor")}
+    pairs["captured"] = paired(rounds, "captured_with", "captured_without")
+    return {
+        **rate,
+        "ratio": rate["with"] / rate["without"],
+        "ratio_aot": rate["with_aot"] / rate["without"],
+        "ratio_floor": rate["with_floor"] / rate["without"],
+        "ratio_captured": rate["captured_with"] / rate["captured_without"],
+        "speedup_captured_without": rate["captured_without"] / rate["without"],
+        "paired_ratios": pairs,
+        "routing": {"distinct_experts_per_layer_step": routing},
+    }
+
+
+def show(batch: int, r: dict) -> None:
+    print(
+        f"batch {batch}: with Engram {r['with']:8.1f} tok/s, without {r['without']:8.1f} tok/s, "
+        f"ratio {r['ratio']:.3f} (its steps AOT-compiled: {r['ratio_aot']:.3f}; bare compiled "
+        f"calls, the floor: {r['ratio_floor']:.3f})"
+    )
+    print(
+        f"  captured: with Engram {r['captured_with']:8.1f} tok/s, without "
+        f"{r['captured_without']:8.1f} tok/s"
+    )
+    print(
+        "  paired by round, median [quartiles]: "
+        + ", ".join(
+            f"{name} {p['median']:.3f} [{p['q1']:.3f}, {p['q3']:.3f}]"
+            for name, p in r["paired_ratios"].items()
+        )
+    )
+    routing = r["routing"]["distinct_experts_per_layer_step"]
+    print(
+        "  distinct experts per MoE layer and step: "
+        + ", ".join(f"{name} {n:.2f}" for name, n in routing.items())
+    )
+
+
+def show_step_times(rows: list[dict]) -> None:
+    print(f"\n{'context':>8}{'step ms':>10}{'off ms':>10}{'Engram ms':>11}{'share':>8}")
+    for r in rows:
+        print(
+            f"{r['context']:>8}{r['step_ms']:>10.2f}{r['engram_off_ms']:>10.2f}"
+            f"{r['engram_ms']:>11.3f}{r['engram_share']:>8.3f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
@@ -245,60 +296,17 @@ def main() -> None:
     for batch in (1, 8):
         rounds = decode_rate(models, batch, 128, args.steps, args.repeats)
         rounds |= decode_rate(captured, batch, 128, args.steps, args.captured_repeats)
-        rate = {name: statistics.median(v) for name, v in rounds.items()}
-        pairs = {name: paired(rounds, name) for name in ("with", "with_aot", "with_floor")}
-        pairs["captured"] = paired(rounds, "captured_with", "captured_without")
-        ratio = rate["with"] / rate["without"]
-        aot = rate["with_aot"] / rate["without"]
-        floor = rate["with_floor"] / rate["without"]
+        routed = {"with": models["with"], "without": without, "with_own_backbone": own_backbone}
         routing = {
-            name: distinct_experts(model, batch, 128, args.steps)
-            for name, model in (
-                ("with", models["with"]),
-                ("without", without),
-                ("with_own_backbone", own_backbone),
-            )
+            name: distinct_experts(model, batch, 128, args.steps) for name, model in routed.items()
         }
-        results["decode"][f"batch_{batch}"] = {
-            **rate,
-            "ratio": ratio,
-            "ratio_aot": aot,
-            "ratio_floor": floor,
-            "ratio_captured": rate["captured_with"] / rate["captured_without"],
-            "speedup_captured_without": rate["captured_without"] / rate["without"],
-            "paired_ratios": pairs,
-            "routing": {"distinct_experts_per_layer_step": routing},
-        }
-        print(
-            f"batch {batch}: with Engram {rate['with']:8.1f} tok/s, without "
-            f"{rate['without']:8.1f} tok/s, ratio {ratio:.3f} (its steps AOT-compiled: {aot:.3f}; "
-            f"bare compiled calls, the floor: {floor:.3f})"
-        )
-        print(
-            f"  captured: with Engram {rate['captured_with']:8.1f} tok/s, without "
-            f"{rate['captured_without']:8.1f} tok/s"
-        )
-        print(
-            "  paired by round, median [quartiles]: "
-            + ", ".join(
-                f"{name} {p['median']:.3f} [{p['q1']:.3f}, {p['q3']:.3f}]"
-                for name, p in pairs.items()
-            )
-        )
-        print(
-            "  distinct experts per MoE layer and step: "
-            + ", ".join(f"{name} {n:.2f}" for name, n in routing.items())
-        )
+        results["decode"][f"batch_{batch}"] = summary = summarise(rounds, routing)
+        show(batch, summary)
     results["ops_per_step"] = op_counts(models["with"])
     results["ops_per_step_aot"] = op_counts(models["with_aot"])  # compiled calls are not ops
     print(f"ops per decode step: {results['ops_per_step']}, AOT: {results['ops_per_step_aot']}")
     results["step_times"] = step_times(models["with"], contexts, 3 * args.repeats)
-    print(f"\n{'context':>8}{'step ms':>10}{'off ms':>10}{'Engram ms':>11}{'share':>8}")
-    for r in results["step_times"]:
-        print(
-            f"{r['context']:>8}{r['step_ms']:>10.2f}{r['engram_off_ms']:>10.2f}"
-            f"{r['engram_ms']:>11.3f}{r['engram_share']:>8.3f}"
-        )
+    show_step_times(results["step_times"])
     record = {
         "benchmark": "decode",
         "machine": machine_info(),

@@ -97,6 +97,46 @@ def engram_share(model: EngramLM, prompt: torch.Tensor, repeats: int) -> dict[st
     return {"step_ms": on * 1e3, "engram_off_ms": off * 1e3, "engram_share": (on - off) / on}
 
 
+def summarise(seconds: dict[str, list[float]], tokens: int, steps: int) -> dict:
+    """Tokens/s and ms per step of each arm (median of its rounds), and the ratios."""
+    results: dict = {}
+    for arm, times in seconds.items():
+        loop = statistics.median(times)
+        results[arm] = {
+            "tokens_per_s": tokens / loop,
+            "ms_per_step": loop / steps * 1e3,
+            "ms_per_step_min": min(times) / steps * 1e3,
+            "ms_per_step_max": max(times) / steps * 1e3,
+        }
+
+    def ratio(a: str, b: str) -> float:
+        return results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
+
+    results["ratio"] = ratio("with", "without")
+    results["ratio_compiled"] = ratio("with_compiled", "without")
+    if "captured_with" in seconds:
+        results["ratio_captured"] = ratio("captured_with", "captured_without")
+    return results
+
+
+def show(results: dict, arms: tuple[str, ...], args: argparse.Namespace) -> None:
+    print(f"decode, batch {args.batch}, {args.prompt}-token prompt, {args.steps} steps:")
+    for arm in arms:
+        r = results[arm]
+        print(f"  {arm:<16} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step")
+    if "ratio_captured" in results:
+        print(
+            f"  captured with/without: {results['ratio_captured']:.3f}; largest logit "
+            f"difference from the eager models: {results['captured_max_logit_error']}"
+        )
+    e = results["engram_step"]
+    print(
+        f"  ratio with/without: {results['ratio']:.3f} (compiled {results['ratio_compiled']:.3f});"
+        f" Engram's part of an eager step "
+        f"{e['step_ms'] - e['engram_off_ms']:.3f} of {e['step_ms']:.3f} ms"
+    )
+
+
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
@@ -127,40 +167,11 @@ def main() -> None:
     seconds = interleaved(
         lambda arm: decode_seconds(models[arm], prompt, stream), 1, args.repeats, arms
     )
-    results: dict = {}
-    for arm in arms:
-        loop = statistics.median(seconds[arm])
-        results[arm] = {
-            "tokens_per_s": args.batch * args.steps / loop,
-            "ms_per_step": loop / args.steps * 1e3,
-            "ms_per_step_min": min(seconds[arm]) / args.steps * 1e3,
-            "ms_per_step_max": max(seconds[arm]) / args.steps * 1e3,
-        }
-    results["ratio"] = results["with"]["tokens_per_s"] / results["without"]["tokens_per_s"]
-    results["ratio_compiled"] = (
-        results["with_compiled"]["tokens_per_s"] / results["without"]["tokens_per_s"]
-    )
+    results = summarise(seconds, args.batch * args.steps, args.steps)
     if args.captured:
-        results["ratio_captured"] = (
-            results["captured_with"]["tokens_per_s"] / results["captured_without"]["tokens_per_s"]
-        )
         results["captured_max_logit_error"] = errors
     results["engram_step"] = engram_share(models["with"], prompt, share_repeats)
-    print(f"decode, batch {args.batch}, {args.prompt}-token prompt, {args.steps} steps:")
-    for arm in arms:
-        r = results[arm]
-        print(f"  {arm:<16} {r['tokens_per_s']:9.1f} tokens/s  {r['ms_per_step']:7.2f} ms/step")
-    if args.captured:
-        print(
-            f"  captured with/without: {results['ratio_captured']:.3f}; largest logit "
-            f"difference from the eager models: {errors}"
-        )
-    e = results["engram_step"]
-    print(
-        f"  ratio with/without: {results['ratio']:.3f} (compiled {results['ratio_compiled']:.3f});"
-        f" Engram's part of an eager step "
-        f"{e['step_ms'] - e['engram_off_ms']:.3f} of {e['step_ms']:.3f} ms"
-    )
+    show(results, arms, args)
     config = {
         "preset": args.preset,
         "tokenizer": tok.name,
