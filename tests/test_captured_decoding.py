@@ -16,6 +16,7 @@ import torch
 from engram.hashing import NgramHasher
 from engram.inference import SamplingConfig, generate
 from engram.inference.captured import CapturedDecoder
+from engram.inference.generate import _capacity
 from engram.model import EngramLM, model_preset
 from engram.spec import resolve
 from engram.vocab import compress
@@ -164,6 +165,10 @@ def test_generate_with_the_decoder_gives_the_eager_tokens(model, packages):
 
 def test_generate_refuses_a_decoder_it_cannot_use(model, packages):
     decoder = CapturedDecoder(model, packages)
+    # Capacities a captured cache gets: powers of two, at most max_seq_len (256 here).
+    got = [_capacity(n, model, decoder) for n in (1, 17, 32, 33, 200, 256)]
+    assert got == [1, 32, 32, 64, 256, 256]
+    assert _capacity(21, model, None) == 21  # the eager loop: what the tokens need
     with pytest.raises(ValueError, match="max_seq_len=256"):
         generate(model, [[1] * 250], SamplingConfig(max_new_tokens=10), decoder=decoder)
     other = EngramLM(model.config.with_(engram=None)).eval()

@@ -61,7 +61,9 @@ def _engram_train(corpus: Path, out: Path, *args: str, ranks: int = 1, launch=()
 
 def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # The rank that failed first is the story; the others' tracebacks only say they lost it.
+    first = [line for line in done.stderr.splitlines() if line.startswith("[rank0]")]
+    assert done.returncode == 0, "\n".join(first[-40:]) + "\n...\n" + done.stderr[-3000:]
     return done
 
 
