@@ -267,8 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     if decoder is not None:
         print(
-            "capturing the decode step: minutes the first time for this batch size and cache "
-            "size, then read from disk",
+            "capturing the decode step: compiled the first time for this batch size and cache "
+            "size (tens of seconds to minutes), then read from disk",
             file=sys.stderr,
         )
     gen = generate(model, ids, cfg, tok.eos_id, pad, stream, decoder)

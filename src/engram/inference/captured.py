@@ -14,7 +14,8 @@ step in three places, each with the same sums up to rounding (tests/test_capture
   the step's position is a tensor, so one compiled package serves every step;
 - each token's routed experts are read from stacked copies of the experts' weights by index
   (a gather inside the kernel), instead of sorting tokens by expert and looping;
-- the cache's bookkeeping (slot validity, positions, the last EOS) is updated in place.
+- the cache's bookkeeping (slot validity, positions, the last EOS, the N-gram history) is
+  updated in place.
 
 `CapturedDecoder(model)` holds a snapshot of the weights: the parameters as they are when it is
 built or `refresh()`ed, and the stacked experts copied then. Decode with `decoder(ids, cache)`
@@ -25,9 +26,10 @@ with the model. `engram.inference.generate(..., decoder=...)` decodes with it. P
 compiled per layout (batch size, cache capacity, dtypes) and kept with those of
 `engram.inference.compiled`.
 
-The decoder binds a package to one cache's tensors: the inputs are listed once, and a step
-writes only its ids, the cache's length and the new N-gram history into tensors that stay put
-(the cache's history is the decoder's own from the first step). A new cache, or a step of the
+The decoder binds a package to one cache's tensors: the inputs are listed once, a step writes
+only its ids and the cache's length into tensors of its own, and the compiled step updates the
+cache in place, its N-gram history too (the cache's history is the decoder's own from the
+first step). A new cache, or a step of the
 model that replaced one of its tensors, binds anew. On CUDA, `cuda_graph=True` records each
 binding as a CUDA graph and replays it: one launch per step instead of one per kernel.
 
@@ -124,9 +126,8 @@ class CapturedDecoder:
         length = torch.zeros((), dtype=torch.int64, device=device)
         layout = (self._weights_layout, _layout(state), _layout([ids, length]))
         run = self.function.prepare(layout, [*self._weights, ids, length, *state])
-        history = state[-1] if cache.hash_state is not None else None
         graph = self.cuda_graph and device.type == "cuda"
-        self._bound = _Bound(run, self._weights, [ids, length, *state], history, graph)
+        self._bound = _Bound(run, self._weights, [ids, length, *state], graph)
         return self._bound
 
     def _cache_tensors(self, cache: DecodeCache) -> list[torch.Tensor]:
@@ -139,12 +140,13 @@ class CapturedDecoder:
 
 class _Bound:
     """One layout's compiled step bound to one cache's tensors. The inputs are listed once;
-    each step writes its ids and the cache's length into buffers of their own, and the new
-    N-gram history into the cache's, so that every step reads the same tensors. On CUDA, with
-    `cuda_graph`, the call is recorded once as a CUDA graph and replayed: one launch a step."""
+    each step writes its ids and the cache's length into buffers of their own, and the compiled
+    step updates the cache in place (its N-gram history too), so that every step reads the same
+    tensors. On CUDA, with `cuda_graph`, the call is recorded once as a CUDA graph and replayed:
+    one launch a step."""
 
-    def __init__(self, run, weights: list, step: list, history, graph: bool) -> None:
-        self.run, self.weights, self.step, self.history = run, weights, step, history
+    def __init__(self, run, weights: list, step: list, graph: bool) -> None:
+        self.run, self.weights, self.step = run, weights, step
         self.ids, self.length, *self.state = step
         self.inputs = [*weights, *step]
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -160,14 +162,9 @@ class _Bound:
         self.ids.copy_(ids)
         self.length.fill_(length)
         if self.graph is None:
-            logits, history = self.run(self.inputs)
-        else:
-            self.graph.replay()
-            logits, history = self.outputs
-            logits = logits.clone()  # the graph's own buffer: the next replay overwrites it
-        if self.history is not None:
-            self.history.copy_(history)
-        return logits
+            return self.run(self.inputs)[0]
+        self.graph.replay()
+        return self.outputs[0].clone()  # the graph's own buffer: the next replay overwrites it
 
     def _record(self) -> None:
         """Record the step as a CUDA graph. Recording launches nothing, but the first run of a
@@ -233,7 +230,7 @@ class _Step(nn.Module):
         windows = dict(zip(self.conv_layers, cache[2 * n + 3 :], strict=False))
         B, S = valid.shape
         # 1. Rows of every Engram layer from the N-gram history: [L, B, 1, H]
-        rows, history = {}, ids
+        rows, history = {}, None
         if self.hashed:
             stacked, history = model.hasher.hash_one(ids, cache[-1], *constants)
             rows = dict(zip(model.spec.layer_ids, stacked.unbind(0), strict=True))
@@ -271,7 +268,9 @@ class _Step(nn.Module):
         positions.add_(1)
         if eos is not None:
             last_eos.copy_(ids[:, -1] == eos)
-        return logits, history
+        if history is not None:
+            cache[-1].copy_(history)
+        return (logits,)
 
 
 def _attention(
