@@ -10,8 +10,8 @@
 #   bash bench/gpu.sh --captured    # a second call: whole decode steps captured, CUDA graphs
 #
 # `--captured` runs the captured decoder's CUDA tests and bench/gpu_decode.py with its captured
-# pair at batch 1 (gpu_decode_captured.json): the first compile of the `gpu` preset's whole
-# step takes minutes, so it is a call of its own (at most 420 s), after the first.
+# pair at batch 1 (gpu_decode_captured.json). How long the `gpu` preset's whole step takes to
+# compile is not yet measured, so it is a call of its own (at most 420 s), after the first.
 #
 # The `gpu` preset uses the DeepSeek tokenizer, whose package the GPU image lacks: run
 # `make devdeps` here once and name .devdeps in the device tool's `carry`.
