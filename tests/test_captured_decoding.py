@@ -106,18 +106,23 @@ def test_steps_of_the_model_and_the_decoder_mix(model, packages):
     assert torch.equal(mixed.hash_state.history, eager.hash_state.history)
 
 
+@pytest.mark.parametrize("stacked", ["experts", "engram projections"])
 @torch.inference_mode()
-def test_the_weights_are_a_snapshot_until_refresh(model, packages):
+def test_the_weights_are_a_snapshot_until_refresh(model, packages, stacked):
+    """Weights the step reads through stacked copies (not as inputs) are seen after refresh()."""
     decoder = CapturedDecoder(model, packages)
     ids = _ids(model)
     caches = [model.new_cache(B, SLOTS) for _ in range(3)]
     for cache in caches:  # prefilled alike, before any change
         model(ids[:, :4], cache=cache)
     before = decoder(ids[:, 4:5], caches[0])
-    weights = [e.gate_up.weight for e in model.moe_layers[0].experts]
+    if stacked == "experts":
+        weights = [e.gate_up.weight for e in model.moe_layers[0].experts]
+    else:
+        weights = [p.weight for e in model.engram_layers for p in e.projections]
     saved = [w.clone() for w in weights]
     try:
-        for w in weights:  # the experts were stacked into a copy: unseen until refresh()
+        for w in weights:  # stacked into a copy: unseen until refresh()
             w.mul_(3.0)
         assert torch.equal(decoder(ids[:, 4:5], caches[1]), before)
         decoder.refresh()

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from small_runs import BASE, table_rows
+from torch.distributed import TCPStore
 
 from engram.checkpoint import read_manifest
 from engram.cli import train_config
@@ -143,11 +144,18 @@ def _weights(out: Path) -> dict:
 
 
 def test_two_nodes_on_localhost_match_two_local_ranks(corpus, tmp_path):
-    """`--nnodes 2`, one process each, meeting by a c10d rendezvous on 127.0.0.1."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    """`--nnodes 2`, one process each, meeting by a c10d rendezvous on 127.0.0.1.
+
+    The rendezvous store lives in this process, as a standalone store would on a cluster. Left
+    to the nodes, the first one's agent hosts it and takes it down when it exits, and the other
+    agent, still polling it, fails with a RendezvousConnectionError (seen once in a full run).
+    """
+    port = _free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True)
     outs = {name: tmp_path / name for name in ("nodes", "local")}
     common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
-    common += [f"--rdzv-endpoint={endpoint}", "--rdzv-id=engram-test"]
+    common += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=engram-test"]
+    common += ["--rdzv-conf=is_host=false"]  # both agents are the store's clients
     nodes = [
         subprocess.Popen(
             _engram_train(corpus, outs["nodes"], "steps=6", launch=common),
@@ -161,6 +169,7 @@ def test_two_nodes_on_localhost_match_two_local_ranks(corpus, tmp_path):
     for node in nodes:
         _, err = node.communicate(timeout=240)
         assert node.returncode == 0, err[-4000:]
+    del store  # only now: both nodes are done with it
     _run(_engram_train(corpus, outs["local"], "steps=6", ranks=2))
     nodes_train, nodes_val, worlds = _losses(outs["nodes"])
     local_train, local_val, _ = _losses(outs["local"])

@@ -351,18 +351,26 @@ class Engram(HashedMemory):
         rows: torch.Tensor,
         starts: torch.Tensor | None,
         window: torch.Tensor,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Y [B, 1, M, d] of one decoding step: steps 1-5 of `forward` in about half the ops.
 
         A decode step's Engram cost is op dispatch, not arithmetic (a few hundred FLOPs per
         op), so the two gate norms' weights are folded into one product and the conv reads its
-        window in place. tests/test_decoding.py holds it to the full forward's outputs.
+        window in place. `stacked` (from `stacked_projection()`) computes the value and the
+        keys in one matrix product instead of two: a decoder that snapshots the weights passes
+        it. tests/test_decoding.py holds the step to the full forward's outputs.
         """
         B, _, M, d = h.shape
         e = self._embed(rows)  # [B, 1, D]
-        u = self.value_proj(e).unsqueeze(2)  # [B, 1, 1, d]
+        if stacked is None:
+            u = self.value_proj(e)  # [B, 1, d]
+            k = self.key_proj(e) if self.config.gate else None  # [B, 1, keys * d]
+        else:
+            u, k = F.linear(e, *stacked).split([d, stacked[0].shape[0] - d], dim=-1)
+        u = u.unsqueeze(2)  # [B, 1, 1, d]
         if self.config.gate:
-            k = self.key_proj(e).view(B, 1, self.num_keys, d)  # broadcast over branches
+            k = k.view(B, 1, self.num_keys, d)  # broadcast over branches
             w = self.query_norm.weight * self.key_norm.weight  # [M, d]
             s = (F.rms_norm(h, (d,)) * F.rms_norm(k, (d,)) * w).sum(-1) / math.sqrt(d)
             u = _signed_sqrt_gate(s).unsqueeze(-1) * u  # [B, 1, M, d]
@@ -371,6 +379,19 @@ class Engram(HashedMemory):
         if self.conv is None:
             return u
         return u + self.conv._step(self.conv.norm(u), starts, window)
+
+    @property
+    def projections(self) -> list[nn.Linear]:
+        """value_proj, then key_proj where there is a gate: what `stacked_projection` stacks."""
+        return [self.value_proj, self.key_proj] if self.config.gate else [self.value_proj]
+
+    def stacked_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections' weights [d + keys * d, D] and biases, stacked (a copy: later changes
+        to the weights do not reach it), for `_step`'s `stacked`."""
+        with torch.no_grad():
+            weight = torch.cat([proj.weight for proj in self.projections])
+            bias = torch.cat([proj.bias for proj in self.projections])
+        return weight, bias
 
     def gates(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The gate activations a [B, T, M] (for analysis and heat maps)."""

@@ -14,24 +14,30 @@ step in three places, each with the same sums up to rounding (tests/test_capture
   the step's position is a tensor, so one compiled package serves every step;
 - each token's routed experts are read from stacked copies of the experts' weights by index
   (a gather inside the kernel), instead of sorting tokens by expert and looping;
+- each Engram layer computes its value and keys in one matrix product, from a stacked copy of
+  its two projections;
 - the cache's bookkeeping (slot validity, positions, the last EOS, the N-gram history) is
   updated in place.
 
 `CapturedDecoder(model)` holds a snapshot of the weights: the parameters as they are when it is
-built or `refresh()`ed, and the stacked experts copied then. Decode with `decoder(ids, cache)`
-on a cache from `model.new_cache`, after a prefill through the model itself; it returns the
-step's logits and advances the cache as `model(ids, cache=cache)` would; `prepare(cache)`
-compiles ahead of the first step. A chunk of more than one token, or one with padding, stays
-with the model. `engram.inference.generate(..., decoder=...)` decodes with it. Packages are
-compiled per layout (batch size, cache capacity, dtypes) and kept with those of
-`engram.inference.compiled`.
+built or `refresh()`ed, and the stacked copies made then. The routed experts' own weights are
+not inputs of the compiled step (their stacked copies are): a runner's call costs about 0.15 us
+per input tensor on this project's CPU (`bench/call_overhead.py`), and the `demo` model has 384
+of them. Decode with `decoder(ids, cache)` on a cache from `model.new_cache`, after a prefill
+through the model itself; it returns the step's logits and advances the cache as
+`model(ids, cache=cache)` would; `prepare(cache)` compiles ahead of the first step. A chunk of
+more than one token, or one with padding, stays with the model.
+`engram.inference.generate(..., decoder=...)` decodes with it. Packages are compiled per layout
+(batch size, cache capacity, dtypes) and kept with those of `engram.inference.compiled`.
 
 The decoder binds a package to one cache's tensors: the inputs are listed once, a step writes
 only its ids and the cache's length into tensors of its own, and the compiled step updates the
 cache in place, its N-gram history too (the cache's history is the decoder's own from the
 first step). A new cache, or a step of the
 model that replaced one of its tensors, binds anew. On CUDA, `cuda_graph=True` records each
-binding as a CUDA graph and replays it: one launch per step instead of one per kernel.
+binding as a CUDA graph and replays it: one launch per step instead of one per kernel. A
+decoder is for one thread at a time: its steps share buffers, and its runner skips the locks
+and events that calls from several threads would need.
 
 Legend: B batch, S cache slots, M branches, d width, E experts, k experts per token, V vocabulary.
 """
@@ -75,7 +81,10 @@ class CapturedDecoder:
             + (model.spec.digest if model.spec is not None else "")
         )
         self._step = _Step(model)
-        self.function = AotFunction("decode-step", self._step.traced, source, where)
+        # Single-threaded: a decoder writes each step's ids into buffers of its own anyway.
+        self.function = AotFunction(
+            "decode-step", self._step.traced, source, where, single_threaded=True
+        )
         self.refresh()
 
     def refresh(self) -> None:
@@ -187,8 +196,13 @@ class _Step(nn.Module):
     def __init__(self, model: EngramLM) -> None:
         super().__init__()
         self.model = model
-        self.slots, self.count = _slots(model)
         self.moe_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)]
+        self.engram_blocks = [i for i, b in enumerate(model.blocks) if b.engram is not None]
+        # Weights the step reads through stacked copies only are not inputs.
+        stacked = [model.blocks[i].ffn.experts for i in self.moe_blocks]
+        stacked += [proj for i in self.engram_blocks for proj in model.blocks[i].engram.projections]
+        self.left_out = {id(p) for module in stacked for p in module.parameters()}
+        self.slots, self.count = _slots(model, self.left_out)
         self.conv_layers = [
             b.layer for b in model.blocks if b.engram is not None and b.engram.conv is not None
         ]
@@ -196,9 +210,10 @@ class _Step(nn.Module):
 
     def weights(self) -> list[torch.Tensor]:
         """Parameters and buffers (aliases: a later `param.data = ...` cannot move them under
-        the compiled code), the hasher's constants, and each MoE's experts stacked."""
+        the compiled code) but those read through stacked copies, the hasher's constants, each
+        MoE's experts stacked, and each Engram layer's projections stacked."""
         model = self.model
-        tensors = [t.detach() for t in _distinct_tensors(model)]
+        tensors = [t.detach() for t in _distinct_tensors(model) if id(t) not in self.left_out]
         if self.hashed:
             device = next(model.parameters()).device
             tensors += list(model.hasher._constants(device))
@@ -206,6 +221,8 @@ class _Step(nn.Module):
             experts = model.blocks[i].ffn.experts
             tensors.append(torch.stack([e.gate_up.weight.detach() for e in experts]))
             tensors.append(torch.stack([e.down.weight.detach() for e in experts]))
+        for i in self.engram_blocks:
+            tensors += model.blocks[i].engram.stacked_projection()
         return tensors
 
     def traced(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -213,16 +230,19 @@ class _Step(nn.Module):
         rest = list(tensors[self.count :])
         constants = [rest.pop(0) for _ in range(3)] if self.hashed else []
         experts = {i: (rest.pop(0), rest.pop(0)) for i in self.moe_blocks}
+        projections = {i: (rest.pop(0), rest.pop(0)) for i in self.engram_blocks}
         saved = [owner[key] for owner, key, _ in self.slots]
         try:  # each slot once, so that a shared module (the rotary tables) is restored exactly
             for owner, key, i in self.slots:
                 owner[key] = tensors[i]
-            return self(constants, experts, *rest)
+            return self(constants, experts, projections, *rest)
         finally:
             for (owner, key, _), original in zip(self.slots, saved, strict=True):
                 owner[key] = original
 
-    def forward(self, constants, experts, ids, length, *cache) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, constants, experts, projections, ids, length, *cache
+    ) -> tuple[torch.Tensor, ...]:
         model = self.model
         n = len(model.blocks)
         keys, values = cache[:n], cache[n : 2 * n]
@@ -246,7 +266,7 @@ class _Step(nn.Module):
         for i, block in enumerate(model.blocks):  # x [B, 1, M, d]
             if block.engram is not None:  # the eager step, whatever fast step is installed
                 window = windows.get(block.layer)
-                x = x + block.engram._step(x, rows[block.layer], starts, window)
+                x = x + block.engram._step(x, rows[block.layer], starts, window, projections[i])
             k_cache, v_cache = keys[i], values[i]
 
             def attend(h, attn=block.attn, norm=block.attn_norm, kc=k_cache, vc=v_cache):
@@ -317,19 +337,24 @@ def _moe(moe: MoE, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
 
 
 def _distinct_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer once (a tied weight too), in a fixed order: the inputs that
-    `_slots` numbers."""
+    """Every parameter and buffer once (a tied weight too), in a fixed order."""
     seen: dict[int, torch.Tensor] = {}
     for _, owner, key in _tensor_slots(model):
         seen.setdefault(id(owner[key]), owner[key])
     return list(seen.values())
 
 
-def _slots(model: nn.Module) -> tuple[list[tuple[dict, str, int]], int]:
+def _slots(model: nn.Module, leave_out: set[int]) -> tuple[list[tuple[dict, str, int]], int]:
     """(owning dict, key, input index) of every place a parameter or buffer sits, each place
-    once (a module shared by the blocks is one place), and the number of distinct tensors."""
-    index = {id(t): i for i, t in enumerate(_distinct_tensors(model))}
-    slots = [(owner, key, index[id(owner[key])]) for _, owner, key in _tensor_slots(model)]
+    once (a module shared by the blocks is one place), and the number of such inputs: the
+    distinct tensors but those whose id is in `leave_out` (they stay where they are, unread)."""
+    kept = [t for t in _distinct_tensors(model) if id(t) not in leave_out]
+    index = {id(t): i for i, t in enumerate(kept)}
+    slots = [
+        (owner, key, index[id(owner[key])])
+        for _, owner, key in _tensor_slots(model)
+        if id(owner[key]) in index
+    ]
     return slots, len(index)
 
 

@@ -94,11 +94,23 @@ class AotFunction:
     `fn(*tensors)` must return a tuple of tensors and may update its inputs in place (as the
     conv's window is). `source` names everything the compiled code depends on besides the
     layout (code, configuration): it is part of the package's file name.
+
+    `single_threaded`: the runner skips AOTInductor's bookkeeping for calls from several
+    threads (a lock, and on CUDA an event recorded after each call and waited for before the
+    next), which may then not call it at once. On CUDA that wait would also break the
+    recording of a CUDA graph around a call.
     """
 
-    def __init__(self, name: str, fn: Callable[..., Any], source: str, directory: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        source: str,
+        directory: Path,
+        single_threaded: bool = False,
+    ) -> None:
         self.name, self.fn, self.directory = name, fn, directory
-        self.source = source
+        self.source, self.single_threaded = source, single_threaded
         self.compiles = 0  # packages built (not loaded from disk) by this object
         self._runners: dict[Layout, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
 
@@ -124,7 +136,10 @@ class AotFunction:
         path = self.package(layout, tensors)
         if not path.exists():
             self._compile(tensors, path)
-        return torch._inductor.aoti_load_package(str(path)).loader.run
+        package = torch._inductor.aoti_load_package(
+            str(path), run_single_threaded=self.single_threaded
+        )
+        return package.loader.run
 
     def _compile(self, tensors: list[torch.Tensor], path: Path) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
