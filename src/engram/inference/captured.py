@@ -21,7 +21,7 @@ step in three places, each with the same sums up to rounding (tests/test_capture
 
 `CapturedDecoder(model)` holds a snapshot of the weights: the parameters as they are when it is
 built or `refresh()`ed, and the stacked copies made then. The routed experts' own weights are
-not inputs of the compiled step (their stacked copies are): a runner's call costs about 0.15 us
+not inputs of the compiled step (their stacked copies are): a runner's call costs about 0.1 us
 per input tensor on this project's CPU (`bench/call_overhead.py`), and the `demo` model has 384
 of them. Decode with `decoder(ids, cache)` on a cache from `model.new_cache`, after a prefill
 through the model itself; it returns the step's logits and advances the cache as
