@@ -5,7 +5,8 @@ the host tier's tokens/s, and decodes at >= 0.97 with prefetch (the paper's host
 under 3%). The model is the `demo` preset with its Engram table scaled up (`--scale`, default
 16: 1.9M rows) so that a batch's rows are a small share of the table, as they would be for a
 real memory table (at the preset's own size one batch reads 9% of it, see
-bench/results/cache_hit_rate.json, and a 1/8 cache could not even hold two batches).
+bench/results/cache_hit_rate.json, and a 1/8 cache could not even hold two batches: with
+`--scale 1` the run stops at its first batch, saying so in one line, exit status 2).
 
 Arms, each the same model and data with the same seed (they compute the same numbers):
 - `device`: the table is the model's nn.Embedding, trained by SparseAdam (today's default);
@@ -171,4 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    try:
+        sys.exit(0 if main() else 1)
+    except ValueError as e:  # the user's settings, e.g. a cache too small at a small --scale
+        print(f"table_placement: {e}", file=sys.stderr)
+        sys.exit(2)
