@@ -159,6 +159,7 @@ def test_generate_with_the_decoder_gives_the_eager_tokens(model, packages):
     eos = free.tokens[0][3]  # row 0 ends at its 4th token (not seen before it), row 1 goes on
     want = generate(model, prompts, cfg, eos_id=eos)
     got = generate(model, prompts, cfg, eos_id=eos, decoder=decoder)
+    assert decoder._bound is None  # generate's cache is gone with it: not held by the decoder
     assert want.tokens[0] == free.tokens[0][:4] and len(want.tokens[1]) > 4
     assert got.tokens == want.tokens and got.finished == want.finished
     sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)

@@ -121,6 +121,11 @@ class CapturedDecoder:
         """Load, or compile, the package for `cache`'s layout now, so that no step waits for it."""
         self._bind(cache)
 
+    def release(self) -> None:
+        """Let go of the cache the decoder is bound to, so that its tensors are freed with it
+        (the next step binds anew; `generate` releases when it returns)."""
+        self._bound = None
+
     def _bind(self, cache: DecodeCache) -> _Bound:
         """The compiled step bound to `cache`'s tensors, bound anew when one of them is not the
         object it was (another cache, or a step of the model that replaced a tensor)."""

@@ -136,7 +136,7 @@ def generate(
         logits = model(ids[:, a : a + chunk], cache=cache, attention_mask=mask[:, a : a + chunk])
     last = logits[:, -1]  # left padding: the last column is every prompt's last real token
     prefill_s = time.perf_counter() - start
-    if decoder is not None:  # bound to the prefilled cache off the clock: a compile takes minutes
+    if decoder is not None:  # bound to the prefilled cache off the clock: compiling takes a while
         decoder.prepare(cache)
 
     out: list[list[int]] = [[] for _ in range(B)]
@@ -160,6 +160,8 @@ def generate(
         step_mask = ~done[:, None] if bool(done.any()) else None
         last = model(token[:, None], cache=cache, attention_mask=step_mask)[:, -1]
     decode_s = time.perf_counter() - start
+    if decoder is not None:  # the cache dies with this call: the decoder must not keep it
+        decoder.release()
     return Generation(
         out, int(mask.sum()), prefill_s, decode_s, steps, [bool(d) for d in done.tolist()]
     )
