@@ -82,7 +82,8 @@ def test_gate_off_passes_the_value(tiny_spec, deepseek_vocab):
 @pytest.mark.parametrize("M", [1, 4])
 def test_decode_step_equals_the_forward(tiny_spec, deepseek_vocab, options, M):
     """The fused one-token step (`Engram._step`) against the readable forward, token by
-    token from a window, with a document start in the middle."""
+    token from a window, with a document start in the middle; and the step again with the
+    value and keys from one stacked projection (what a captured decoder passes)."""
     module = make(tiny_spec, M=M, **options)
     with torch.no_grad():  # trained norms and conv are not their init (ones, zeros)
         for name, p in module.named_parameters():
@@ -102,7 +103,19 @@ def test_decode_step_equals_the_forward(tiny_spec, deepseek_vocab, options, M):
             ],
             dim=1,
         )
+        window = torch.zeros(2, R, M, 32)
+        stacked = module.stacked_projection()
+        one_product = torch.cat(
+            [
+                module._step(
+                    hidden[:, t : t + 1], rows[:, t : t + 1], starts[:, t : t + 1], window, stacked
+                )
+                for t in range(12)
+            ],
+            dim=1,
+        )
     assert (got - want).abs().max() < 1e-5
+    assert (one_product - want).abs().max() < 1e-5
 
 
 def test_branch_keys_off_shares_one_key(tiny_spec):

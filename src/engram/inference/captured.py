@@ -20,15 +20,16 @@ step in three places, each with the same sums up to rounding (tests/test_capture
   updated in place.
 
 `CapturedDecoder(model)` holds a snapshot of the weights: the parameters as they are when it is
-built or `refresh()`ed, and the stacked copies made then. The routed experts' own weights are
-not inputs of the compiled step (their stacked copies are): a runner's call costs about 0.1 us
-per input tensor on this project's CPU (`bench/call_overhead.py`), and the `demo` model has 384
-of them. Decode with `decoder(ids, cache)` on a cache from `model.new_cache`, after a prefill
-through the model itself; it returns the step's logits and advances the cache as
-`model(ids, cache=cache)` would; `prepare(cache)` compiles ahead of the first step. A chunk of
-more than one token, or one with padding, stays with the model.
-`engram.inference.generate(..., decoder=...)` decodes with it. Packages are compiled per layout
-(batch size, cache capacity, dtypes) and kept with those of `engram.inference.compiled`.
+built or `refresh()`ed, and the stacked copies made then. Weights read only through stacked
+copies (the routed experts', Engram's two projections) are not inputs of the compiled step: a
+runner's call costs about 0.1 us per input tensor on this project's CPU
+(`bench/call_overhead.py`), and the `demo` model's routed experts alone are 384 tensors. Decode
+with `decoder(ids, cache)` on a cache from `model.new_cache`, after a prefill through the model
+itself; it returns the step's logits and advances the cache as `model(ids, cache=cache)` would;
+`prepare(cache)` compiles ahead of the first step. A chunk of more than one token, or one with
+padding, stays with the model. `engram.inference.generate(..., decoder=...)` decodes with it.
+Packages are compiled per layout (batch size, cache capacity, dtypes) and kept with those of
+`engram.inference.compiled`.
 
 The decoder binds a package to one cache's tensors: the inputs are listed once, a step writes
 only its ids and the cache's length into tensors of its own, and the compiled step updates the
