@@ -9,6 +9,8 @@ inside the decoded tokens. A compile takes seconds, so the packages are shared b
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -148,10 +150,19 @@ def test_bad_calls_are_refused(model, packages):
 
 
 @torch.inference_mode()
-def test_generate_with_the_decoder_gives_the_eager_tokens(model, packages):
+def test_generate_with_the_decoder_gives_the_eager_tokens(model, packages, monkeypatch):
     """Prompts of two lengths (left padding) and a row that ends at an EOS mid-way while the
-    other goes on: the finished row decodes padding unseen and the other's tokens do not move."""
+    other goes on: the finished row decodes padding unseen and the other's tokens do not move.
+    The decoder lets go of generate's cache when generate returns: its tensors are freed."""
     decoder = CapturedDecoder(model, packages)
+    caches = []
+
+    def new_cache(*args, **kwargs):
+        cache = type(model).new_cache(model, *args, **kwargs)
+        caches.append(weakref.ref(cache.keys[0]))
+        return cache
+
+    monkeypatch.setattr(model, "new_cache", new_cache)
     prompts = _ids(model)[:, :9].tolist()
     prompts[1] = prompts[1][:5]
     cfg = SamplingConfig(max_new_tokens=12)  # 9 + 12 tokens: 32 slots
@@ -159,7 +170,8 @@ def test_generate_with_the_decoder_gives_the_eager_tokens(model, packages):
     eos = free.tokens[0][3]  # row 0 ends at its 4th token (not seen before it), row 1 goes on
     want = generate(model, prompts, cfg, eos_id=eos)
     got = generate(model, prompts, cfg, eos_id=eos, decoder=decoder)
-    assert decoder._bound is None  # generate's cache is gone with it: not held by the decoder
+    gc.collect()
+    assert len(caches) == 3 and caches[-1]() is None  # not held by the decoder's binding
     assert want.tokens[0] == free.tokens[0][:4] and len(want.tokens[1]) > 4
     assert got.tokens == want.tokens and got.finished == want.finished
     sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)

@@ -208,7 +208,7 @@ class _Step(nn.Module):
         stacked = [model.blocks[i].ffn.experts for i in self.moe_blocks]
         stacked += [proj for i in self.engram_blocks for proj in model.blocks[i].engram.projections]
         self.left_out = {id(p) for module in stacked for p in module.parameters()}
-        self.slots, self.count = _slots(model, self.left_out)
+        self.slots, self.count = _slots(model, _kept(model, self.left_out))
         self.conv_layers = [
             b.layer for b in model.blocks if b.engram is not None and b.engram.conv is not None
         ]
@@ -219,7 +219,7 @@ class _Step(nn.Module):
         the compiled code) but those read through stacked copies, the hasher's constants, each
         MoE's experts stacked, and each Engram layer's projections stacked."""
         model = self.model
-        tensors = [t.detach() for t in _distinct_tensors(model) if id(t) not in self.left_out]
+        tensors = [t.detach() for t in _kept(model, self.left_out)]
         if self.hashed:
             device = next(model.parameters()).device
             tensors += list(model.hasher._constants(device))
@@ -350,11 +350,15 @@ def _distinct_tensors(model: nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def _slots(model: nn.Module, leave_out: set[int]) -> tuple[list[tuple[dict, str, int]], int]:
-    """(owning dict, key, input index) of every place a parameter or buffer sits, each place
-    once (a module shared by the blocks is one place), and the number of such inputs: the
-    distinct tensors but those whose id is in `leave_out` (they stay where they are, unread)."""
-    kept = [t for t in _distinct_tensors(model) if id(t) not in leave_out]
+def _kept(model: nn.Module, leave_out: set[int]) -> list[torch.Tensor]:
+    """The distinct tensors but those whose id is in `leave_out` (they stay where they are,
+    unread): the step's weight inputs, in their order."""
+    return [t for t in _distinct_tensors(model) if id(t) not in leave_out]
+
+
+def _slots(model: nn.Module, kept: list[torch.Tensor]) -> tuple[list[tuple[dict, str, int]], int]:
+    """(owning dict, key, input index) of every place a tensor of `kept` sits, each place once
+    (a module shared by the blocks is one place), and the number of such inputs."""
     index = {id(t): i for i, t in enumerate(kept)}
     slots = [
         (owner, key, index[id(owner[key])])
