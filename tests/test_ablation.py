@@ -13,10 +13,11 @@ from engram.config import to_dict
 from engram.experiments.ablation import (
     ABLATION_TRAIN,
     AblationConfig,
+    _backbone_line,
     ablation_arms,
     reference_config,
 )
-from engram.model import model_preset
+from engram.model import granular, model_preset
 from engram.model.accounting import count_params_from_config
 
 # The dotted config fields each arm may change, written out here rather than read from the module.
@@ -43,7 +44,7 @@ def changed(a: object, b: object, prefix: str = "") -> set[str]:
 
 
 def test_every_arm_changes_exactly_its_fields():
-    ref = reference_config()
+    ref = reference_config(model_preset("demo"))
     # The demo preset has M = 1, where per-branch keys would not exist: the reference adds mHC.
     assert changed(to_dict(model_preset("demo")), to_dict(ref)) == {"hc_branches"}
     assert ref.hc_branches == 4 and ref.engram.spec.layer_ids == (1,)
@@ -58,13 +59,38 @@ def test_every_arm_changes_exactly_its_fields():
 
 
 def test_arms_that_move_memory_keep_its_size():
-    arms = ablation_arms(reference_config())
+    arms = ablation_arms(reference_config(model_preset("demo")))
     ref = count_params_from_config(arms["reference"].config).engram_tables
     assert ref > 1_000_000
     for name in ("+4-grams", "layers-1+3", "layer-0", "layer-3"):
         tables = count_params_from_config(arms[name].config).engram_tables
         assert abs(tables - ref) / ref < 0.02, (name, tables, ref)
     assert count_params_from_config(arms["no-engram"].config).engram_tables == 0
+
+
+def test_a_granularity_reports_moe_is_every_arms_backbone(tmp_path):
+    """`baseline` (a recipe's field, or --baseline): every arm, the floor too, has the MoE the
+    granularity study chose, and only the MoE differs from the preset's arms."""
+    finer = granular(model_preset("demo").moe, 2)
+    (tmp_path / "report.json").write_text(
+        json.dumps({"best_moe": to_dict(finer), "config": {"preset": "demo"}})
+    )
+    own = AblationConfig().all_arms()
+    chosen = AblationConfig(baseline=str(tmp_path)).all_arms()
+    assert list(chosen) == list(own)
+    for name, arm in chosen.items():
+        assert arm.config.moe == finer, name
+        assert changed(to_dict(own[name].config), to_dict(arm.config)) == {
+            "moe.num_routed",
+            "moe.top_k",
+            "moe.expert_hidden",
+            "moe.shared_hidden",  # the shared expert keeps its width
+        }, name
+    report = {"backbone_moe": to_dict(finer), "config": {"baseline": str(tmp_path)}}
+    assert _backbone_line(report) == (
+        f"Backbone MoE: the granularity study's choice in `{tmp_path}`, 128 routed experts of "
+        "width 64, top-4.\n"
+    )
 
 
 def test_bad_ablation_config():
@@ -102,6 +128,7 @@ def test_quick_study_writes_a_report(tmp_path, monkeypatch, capsys, stdlib_corpu
     gain = floor - ref  # positive when Engram helps, as the paper's 1.808 - 1.768
     assert f"Engram gain (no-engram minus reference): {gain:+.4f}" in markdown
     assert "One seed" in markdown
+    assert "Backbone MoE: the preset's own, 64 routed experts of width 128, top-2." in markdown
     assert {r["verdict"] for r in rows.values()} == {"-", "unresolved"}  # one seed resolves nothing
     assert "the largest regression" in markdown  # the paper's finding beside ours
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

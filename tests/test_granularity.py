@@ -182,6 +182,7 @@ def test_lr_summary_sign_and_best_lrs():
         ({"lr_seeds": ()}, "lr_seeds"),
         ({"rho": 1.0}, "rho"),
         ({"overrides": ("optim.lr=1e-3",)}, "--lrs"),
+        ({"baseline": "results/granularity"}, "chooses the baseline"),
     ],
 )
 def test_bad_study_config(changes, match):

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from engram.cli import main
+from engram.config import to_dict
 from engram.experiments.memory import (
     MEMORY_TRAIN,
     MemoryConfig,
@@ -16,7 +17,7 @@ from engram.experiments.memory import (
     memory_arms,
     slots_of,
 )
-from engram.model import model_preset
+from engram.model import granular, model_preset
 from engram.model.accounting import count_params_from_config
 
 
@@ -63,6 +64,15 @@ def test_arms_share_the_backbone_and_pair_the_tables():
     assert count_params_from_config(engram).engram_tables == (
         count_params_from_config(over).engram_tables
     )
+
+
+def test_a_granularity_reports_moe_is_the_backbone(tmp_path):
+    finer = granular(model_preset("demo").moe, 2)
+    (tmp_path / "report.json").write_text(
+        json.dumps({"best_moe": to_dict(finer), "config": {"preset": "demo"}})
+    )
+    arms = memory_arms(MemoryConfig(slots=(2048,), overencoding_slots=(), baseline=str(tmp_path)))
+    assert all(model.moe == finer for model in arms.values())
 
 
 def test_bad_config():

@@ -6,13 +6,13 @@ Removing the multi-branch keys, the gate or tokenizer compression hurts most; th
 4-grams matter little at that memory size. Block 2 (0-based 1) is the best single layer, and
 splitting the memory across two layers beats one.
 
-Our reference is the `demo` preset (Engram at 0-based layer 1) with mHC hyper-connections of
-M = 4 branches, as the paper uses: the preset itself has M = 1, where per-branch keys do not exist
-and the `no-branch-keys` arm would change nothing. Every arm is the reference with one change,
-trained on the same tokens with the same seeds; `no-engram` (the same backbone without Engram) is
-the floor, so each delta reads against both the reference and no Engram at all. Arms that move
-memory (`+4-grams`, two layers) keep the table's rows about equal, so they test the layout and
-not the memory size.
+Our reference is the `demo` preset (Engram at 0-based layer 1; with `--baseline`, its MoE is
+the one a granularity study chose) with mHC hyper-connections of M = 4 branches, as the paper
+uses: the preset itself has M = 1, where per-branch keys do not exist and the `no-branch-keys`
+arm would change nothing. Every arm is the reference with one change, trained on the same tokens
+with the same seeds; `no-engram` (the same backbone without Engram) is the floor, so each delta
+reads against both the reference and no Engram at all. Arms that move memory (`+4-grams`, two
+layers) keep the table's rows about equal, so they test the layout and not the memory size.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.assembly import get_tokenizer
-from engram.config import TrainConfig
+from engram.config import TrainConfig, to_dict
 from engram.experiments.arms import (
     STUDY_TRAIN,
     Study,
@@ -37,7 +37,7 @@ from engram.experiments.arms import (
 )
 from engram.experiments.granularity import verdict
 from engram.experiments.report import machine_info, markdown_table, pyplot, write_json
-from engram.model import ModelConfig, model_preset
+from engram.model import ModelConfig
 from engram.spec import SpecConfig
 from engram.vocab import compress
 
@@ -66,11 +66,9 @@ class Arm:
     paper: str
 
 
-def reference_config(preset: str = "demo", hc_branches: int = 4) -> ModelConfig:
-    """The preset with M hyper-connection branches (the paper's ablations use mHC with M = 4)."""
-    base = model_preset(preset)
-    if base.engram is None:
-        raise ValueError(f"preset {preset!r} has no Engram to ablate")
+def reference_config(base: ModelConfig, hc_branches: int = 4) -> ModelConfig:
+    """`base` (a preset, perhaps with a granularity study's MoE) with M hyper-connection
+    branches: the paper's ablations use mHC with M = 4."""
     return base.with_(hc_branches=hc_branches)
 
 
@@ -164,7 +162,10 @@ class AblationConfig(Study):
     out_dir: str = "runs/ablation"
 
     def all_arms(self) -> dict[str, Arm]:
-        return ablation_arms(reference_config(self.preset, self.hc_branches))
+        base = self.base_model()  # with `baseline`, the granularity study's MoE
+        if base.engram is None:
+            raise ValueError(f"preset {self.preset!r} has no Engram to ablate")
+        return ablation_arms(reference_config(base, self.hc_branches))
 
     def selected(self) -> dict[str, Arm]:
         """The arms to train, in report order: the chosen ones plus both baselines."""
@@ -222,6 +223,7 @@ def run_ablation(cfg: AblationConfig = AblationConfig()) -> dict[str, Any]:
     results = train_arms(cfg, {n: a.config for n, a in arms.items()}, out)
     report = {
         "arms": compare(arms, results),
+        "backbone_moe": _moe_dict(arms[REFERENCE].config),
         "compression": {
             "tokenizer": cfg.train.tokenizer,
             "vocab_size": vocab.vocab_size,
@@ -374,6 +376,22 @@ def _findings(rows: list[dict], seeds: int) -> list[str]:
     return lines
 
 
+def _moe_dict(config: ModelConfig) -> dict[str, Any] | None:
+    return None if config.moe is None else to_dict(config.moe)
+
+
+def _backbone_line(report: dict) -> str:
+    """The MoE every arm shares: the preset's own, or a granularity study's choice."""
+    moe, source = report["backbone_moe"], report["config"].get("baseline")
+    if moe is None:
+        return "Backbone: dense feed-forward blocks, no MoE.\n"
+    whose = f"the granularity study's choice in `{source}`" if source else "the preset's own"
+    return (
+        f"Backbone MoE: {whose}, {moe['num_routed']} routed experts of width "
+        f"{moe['expert_hidden']}, top-{moe['top_k']}.\n"
+    )
+
+
 def _markdown(report: dict) -> str:
     cfg, comp, machine = report["config"], report["compression"], report["machine"]
     ref = next(r for r in report["arms"] if r["arm"] == REFERENCE)
@@ -385,6 +403,7 @@ def _markdown(report: dict) -> str:
         f"{cfg['seq_len']}), lr {cfg['lr']}, data `{cfg['data']}`, seeds {cfg['seeds']}; "
         f"machine {machine['processor']} ({machine['torch_threads']} threads), commit "
         f"{machine['commit']}; {report['seconds']:.0f} s.\n",
+        _backbone_line(report),
         f"Tokenizer compression: `{comp['tokenizer']}` has {comp['vocab_size']:,} ids and "
         f"{comp['canonical_ids']:,} canonical ids ({comp['reduction']:.2%} fewer; the paper "
         "reports 23.43% for the 129,280-id DeepSeek-V3 tokenizer), which bounds what "

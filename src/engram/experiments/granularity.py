@@ -57,6 +57,11 @@ class GranularityConfig(Study):
     out_dir: str = "runs/granularity"
 
     def validate(self) -> None:
+        if self.baseline:  # a recipe may set any study's field; this study makes the baseline
+            raise ValueError(
+                f"baseline={self.baseline!r}: the granularity study chooses the baseline, it "
+                "does not take one"
+            )
         gs = self.granularities
         if len(gs) < 2 or REFERENCE not in gs or len(set(gs)) != len(gs):
             raise ValueError(

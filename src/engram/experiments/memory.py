@@ -37,6 +37,7 @@ from engram.config import TrainConfig
 from engram.experiments.arms import (
     STUDY_TRAIN,
     Study,
+    add_baseline_argument,
     add_set_argument,
     study_from_args,
     tokens_per_arm,
@@ -110,6 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1 (mean and spread)")
     p.add_argument("--data", help="text source (default: the stdlib corpus)")
     p.add_argument("--out", help="report folder (default runs/memory[-quick])")
+    add_baseline_argument(p)
     add_set_argument(p)
 
 
@@ -136,8 +138,9 @@ def slots_of(config: ModelConfig) -> tuple[float, int]:
 
 
 def memory_arms(cfg: MemoryConfig) -> dict[str, ModelConfig]:
-    """Arm name -> config: the backbone, then Engram and OverEncoding at their sizes."""
-    base = model_preset(cfg.preset)
+    """Arm name -> config: the backbone (with `baseline`, a granularity study's MoE), then
+    Engram and OverEncoding at their sizes."""
+    base = cfg.base_model()
     arms = {"backbone": base.with_(engram=None)}
     for family, sizes in (("engram", cfg.slots), ("overencoding", cfg.overencoding_slots)):
         for s in sorted(sizes):
