@@ -56,3 +56,21 @@ def small_tok() -> Tokenizer:
     """A 300-id BPE of a few lines of code: models build in milliseconds."""
     texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "import os\n"] * 40
     return train_bpe(texts, vocab_size=300)
+
+
+@pytest.fixture
+def granularity_report(tmp_path) -> Callable[..., Path]:
+    """Writes a granularity study's report choosing `moe` for `preset` (what `--baseline`
+    reads) into tmp_path/granularity, and returns that folder."""
+    import json
+
+    from engram.config import to_dict
+
+    def write(moe, preset: str = "demo") -> Path:
+        folder = tmp_path / "granularity"
+        folder.mkdir(exist_ok=True)
+        chosen = {"best_moe": to_dict(moe), "config": {"preset": preset}}
+        (folder / "report.json").write_text(json.dumps(chosen))
+        return folder
+
+    return write

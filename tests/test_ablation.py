@@ -68,15 +68,13 @@ def test_arms_that_move_memory_keep_its_size():
     assert count_params_from_config(arms["no-engram"].config).engram_tables == 0
 
 
-def test_a_granularity_reports_moe_is_every_arms_backbone(tmp_path):
+def test_a_granularity_reports_moe_is_every_arms_backbone(granularity_report):
     """`baseline` (a recipe's field, or --baseline): every arm, the floor too, has the MoE the
     granularity study chose, and only the MoE differs from the preset's arms."""
     finer = granular(model_preset("demo").moe, 2)
-    (tmp_path / "report.json").write_text(
-        json.dumps({"best_moe": to_dict(finer), "config": {"preset": "demo"}})
-    )
+    study = granularity_report(finer)
     own = AblationConfig().all_arms()
-    chosen = AblationConfig(baseline=str(tmp_path)).all_arms()
+    chosen = AblationConfig(baseline=str(study)).all_arms()
     assert list(chosen) == list(own)
     for name, arm in chosen.items():
         assert arm.config.moe == finer, name
@@ -86,9 +84,9 @@ def test_a_granularity_reports_moe_is_every_arms_backbone(tmp_path):
             "moe.expert_hidden",
             "moe.shared_hidden",  # the shared expert keeps its width
         }, name
-    report = {"backbone_moe": to_dict(finer), "config": {"baseline": str(tmp_path)}}
+    report = {"backbone_moe": to_dict(finer), "config": {"baseline": str(study)}}
     assert _backbone_line(report) == (
-        f"Backbone MoE: the granularity study's choice in `{tmp_path}`, 128 routed experts of "
+        f"Backbone MoE: the granularity study's choice in `{study}`, 128 routed experts of "
         "width 64, top-4.\n"
     )
 

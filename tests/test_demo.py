@@ -61,17 +61,14 @@ def test_quick_config_is_small():
     assert not QUICK.reuse  # the demo always retrains its arms
 
 
-def test_a_granularity_reports_moe_is_the_baseline(corpus, tmp_path):
+def test_a_granularity_reports_moe_is_the_baseline(corpus, tmp_path, granularity_report):
     """--baseline: the MoE a granularity study chose replaces the preset's, the Engram arm is
     planned from it (still iso-parameter), and the report names it."""
     from engram.config import to_dict
     from engram.model import granular
 
     finer = granular(model_preset("demo").moe, 2)
-    study = tmp_path / "granularity"
-    study.mkdir()
-    chosen = {"best_moe": to_dict(finer), "config": {"preset": "demo"}}
-    (study / "report.json").write_text(json.dumps(chosen))
+    study = granularity_report(finer)
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--data", str(corpus), "--out", str(out), "--steps", "2"]
     assert main([*argv, "--baseline", str(study)]) == 0
@@ -81,6 +78,5 @@ def test_a_granularity_reports_moe_is_the_baseline(corpus, tmp_path):
     assert report["arms"]["engram"]["routed_experts"] < 128
     assert "granularity study's choice" in (out / "report.md").read_text()
     assert main([*argv, "--baseline", str(tmp_path)]) == 2  # not a granularity report
-    chosen["config"]["preset"] = "demo-deep"  # another preset's experts: the wrong widths
-    (study / "report.json").write_text(json.dumps(chosen))
+    granularity_report(finer, preset="demo-deep")  # another preset's experts: wrong widths
     assert main([*argv, "--baseline", str(study)]) == 2

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from engram.cli import main
-from engram.config import to_dict
 from engram.experiments.layerwise import mean_over_pairs, selections_of
 from engram.experiments.token_kinds import entity_final_document, entity_final_stream
 from engram.model import model_preset
@@ -133,7 +132,7 @@ def test_cka_reports_both_selections(deep):
     assert "## Entity-final tokens" in (deep["root"] / "cka" / "report.md").read_text()
 
 
-def test_bad_pair_flags_exit_2(deep, tmp_path, capsys):
+def test_bad_pair_flags_exit_2(deep, tmp_path, capsys, granularity_report):
     engram = str(deep["models"] / "seed-0" / "engram")
     assert main(["study", "cka", "--quick", "--seeds", "0,1"]) == 2  # seeds without --preset
     argv = ["study", "logit-lens", "--preset", "demo-deep", "--ckpt", engram]
@@ -141,10 +140,7 @@ def test_bad_pair_flags_exit_2(deep, tmp_path, capsys):
     assert main(["study", "logit-lens", "--preset", "nope", "--out", str(tmp_path)]) == 2
     # --baseline is a granularity report for the pair trained here: not for checkpoints, and
     # only for the preset it swept (the demo's experts are not demo-deep's).
-    report = tmp_path / "granularity"
-    report.mkdir()
-    chosen = {"best_moe": to_dict(model_preset("demo").moe), "config": {"preset": "demo"}}
-    (report / "report.json").write_text(json.dumps(chosen))
+    report = granularity_report(model_preset("demo").moe)
     argv = ["study", "cka", "--ckpt", engram, "--baseline-ckpt", engram, "--baseline", str(report)]
     assert main(argv) == 2
     argv = ["study", "cka", "--preset", "demo-deep", "--baseline", str(report)]

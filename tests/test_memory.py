@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 
 from engram.cli import main
-from engram.config import to_dict
 from engram.experiments.memory import (
     MEMORY_TRAIN,
     MemoryConfig,
@@ -66,12 +65,10 @@ def test_arms_share_the_backbone_and_pair_the_tables():
     )
 
 
-def test_a_granularity_reports_moe_is_the_backbone(tmp_path):
+def test_a_granularity_reports_moe_is_the_backbone(granularity_report):
     finer = granular(model_preset("demo").moe, 2)
-    (tmp_path / "report.json").write_text(
-        json.dumps({"best_moe": to_dict(finer), "config": {"preset": "demo"}})
-    )
-    arms = memory_arms(MemoryConfig(slots=(2048,), overencoding_slots=(), baseline=str(tmp_path)))
+    study = str(granularity_report(finer))
+    arms = memory_arms(MemoryConfig(slots=(2048,), overencoding_slots=(), baseline=study))
     assert all(model.moe == finer for model in arms.values())
 
 

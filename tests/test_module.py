@@ -95,25 +95,17 @@ def test_decode_step_equals_the_forward(tiny_spec, deepseek_vocab, options, M):
     with torch.no_grad():
         want = module(hidden, rows, starts)
         R = module.conv.receptive if module.conv is not None else 0
-        window = torch.zeros(2, R, M, 32)
-        got = torch.cat(
-            [
-                module(hidden[:, t : t + 1], rows[:, t : t + 1], starts[:, t : t + 1], None, window)
-                for t in range(12)
-            ],
-            dim=1,
-        )
-        window = torch.zeros(2, R, M, 32)
+
+        def token_by_token(step) -> torch.Tensor:
+            window = torch.zeros(2, R, M, 32)  # the conv's state, advanced in place
+            tokens = [
+                (hidden[:, t : t + 1], rows[:, t : t + 1], starts[:, t : t + 1]) for t in range(12)
+            ]
+            return torch.cat([step(*token, window) for token in tokens], dim=1)
+
+        got = token_by_token(lambda h, r, s, w: module(h, r, s, None, w))
         stacked = module.stacked_projection()
-        one_product = torch.cat(
-            [
-                module._step(
-                    hidden[:, t : t + 1], rows[:, t : t + 1], starts[:, t : t + 1], window, stacked
-                )
-                for t in range(12)
-            ],
-            dim=1,
-        )
+        one_product = token_by_token(lambda h, r, s, w: module._step(h, r, s, w, stacked))
     assert (got - want).abs().max() < 1e-5
     assert (one_product - want).abs().max() < 1e-5
 
